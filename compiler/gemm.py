@@ -1,0 +1,248 @@
+"""GEMM kernel generator: C = A @ B (+ bias, requantized) as a tiled, pipelined program.
+
+Dataflow (weight-stationary): the array holds a ``k x n`` tile of B; rows of A stream
+through it, one output row of ``cols`` int32 per row of A. The kernel walks
+
+    for each block of ``mb`` rows of A (i):        A block stays in the scratchpad
+        for each ``cols``-wide column tile of B (j):  accumulator tile (i, j)
+            for each ``rows``-deep slice of K (t):    one *step*: preload B(t, j), matmul
+
+and overlaps the four queues through dependency tokens:
+
+* load -> matmul, one token per step (the step's A slice, when j == 0, and B tile are in);
+  matmul -> load, one token per step (its B slot, and the A block once no longer read, are free);
+  B tiles rotate through ``b_slots`` scratchpad slots, A blocks through two;
+* matmul -> vector (int8 output) or matmul -> store (int32 output), one token per
+  accumulator tile, and the reverse token when the tile's accumulator slot is free;
+* load -> vector per tile (bias and scale words are in their parameter slot) and back;
+* vector -> store per tile (int8 rows are in an output slot) and back.
+
+Shapes need not be multiples of the array: partial tiles rely on the ISA's zero fill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from weft.hw.bundle import Bundle, Segment, TensorSpec
+from weft.hw.config import AcceleratorConfig
+from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue
+
+from .memory import DeviceMemoryPlan
+
+__all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle"]
+
+L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
+
+
+class GemmError(ValueError):
+    """A GEMM that cannot be mapped onto the configuration, with what does not fit."""
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Tiling and on-chip memory plan of one GEMM. Row addresses are scratchpad/accumulator rows."""
+
+    M: int
+    N: int
+    K: int
+    output: str  # "int8" (requantized) or "int32" (raw accumulators)
+    mb: int  # rows of A per block
+    k_tiles: int
+    n_tiles: int
+    m_blocks: int
+    b_slots: int
+    acc_slots: int
+    out_slots: int
+    param_slots: int
+    sp_a: tuple[int, ...]  # first row of each A block slot (mb * k_tiles rows each)
+    sp_b: tuple[int, ...]  # first row of each B tile slot (array.rows rows each)
+    sp_out: tuple[int, ...]  # first row of each int8 output slot (mb rows each)
+    acc_tile: tuple[int, ...]  # first row of each accumulator slot (mb rows each)
+    acc_param: tuple[int, ...]  # first row of each parameter slot (2 rows each)
+    sp_rows_used: int
+    acc_rows_used: int
+
+    @property
+    def steps(self) -> int:
+        return self.m_blocks * self.n_tiles * self.k_tiles
+
+    def block_rows(self, i: int) -> int:
+        return min(self.mb, self.M - i * self.mb)
+
+
+def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str = "int8",
+              sp_base: int = 0, acc_base: int = 0, b_slots: int = 2, max_block_rows: int | None = None) -> GemmPlan:
+    """Choose block sizes and on-chip addresses for an ``M x K @ K x N`` GEMM.
+
+    ``mb`` is the largest block that fits double-buffered, then evened out so the blocks
+    have equal sizes. Raises :class:`GemmError` naming the memory that is too small.
+    """
+    if output not in ("int8", "int32"):
+        raise GemmError(f"output must be 'int8' or 'int32', got {output!r}")
+    for name, value in (("M", M), ("N", N), ("K", K)):
+        if value < 1:
+            raise GemmError(f"{name}={value}: dimensions must be at least 1")
+    R, C = config.array.rows, config.array.cols
+    if N > C and config.sp_row_elems < C:  # pragma: no cover - sp rows are max(R, C) wide
+        raise GemmError("scratchpad rows narrower than the array")
+    k_tiles, n_tiles = math.ceil(K / R), math.ceil(N / C)
+    int8_out = output == "int8"
+    acc_slots = out_slots = 2
+    param_slots = 2 if int8_out else 0
+    sp_free = config.sp_rows - sp_base
+    acc_free = config.acc_rows - acc_base - 2 * param_slots
+    # Scratchpad: 2 A blocks (mb * k_tiles rows each) + b_slots B tiles + 2 output blocks.
+    mb_sp = (sp_free - b_slots * R) // (2 * k_tiles + (out_slots if int8_out else 0))
+    mb_acc = acc_free // acc_slots
+    mb_max = min(mb_sp, mb_acc, (1 << 16) - 1, max_block_rows or M)
+    if mb_max < 1:
+        need_sp = b_slots * R + 2 * k_tiles + (out_slots if int8_out else 0)
+        raise GemmError(f"GEMM {M}x{N}x{K} does not fit: one row block needs {need_sp} scratchpad rows "
+                        f"(K={K} is {k_tiles} slices of {R}) and {acc_slots + 2 * param_slots} accumulator rows; "
+                        f"free: {sp_free} scratchpad rows, {config.acc_rows - acc_base} accumulator rows")
+    m_blocks = math.ceil(M / mb_max)
+    mb = math.ceil(M / m_blocks)
+    sp_a = tuple(sp_base + s * mb * k_tiles for s in range(2))
+    sp_b = tuple(sp_base + 2 * mb * k_tiles + s * R for s in range(b_slots))
+    out_base = sp_base + 2 * mb * k_tiles + b_slots * R
+    sp_out = tuple(out_base + s * mb for s in range(out_slots)) if int8_out else ()
+    acc_tile = tuple(acc_base + s * mb for s in range(acc_slots))
+    param_base = acc_base + acc_slots * mb
+    acc_param = tuple(param_base + 2 * s for s in range(param_slots))
+    return GemmPlan(M, N, K, output, mb, k_tiles, n_tiles, m_blocks, b_slots, acc_slots,
+                    out_slots if int8_out else 0, param_slots, sp_a, sp_b, sp_out, acc_tile, acc_param,
+                    sp_rows_used=(out_base + (out_slots * mb if int8_out else 0)) - sp_base,
+                    acc_rows_used=param_base + 2 * param_slots - acc_base)
+
+
+def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_addr: int, out_addr: int,
+                 params_addr: int | None = None, a_stride: int | None = None, b_stride: int | None = None,
+                 out_stride: int | None = None, relu: bool = False, halt: bool = True) -> list[Instruction]:
+    """Emit the instruction stream for ``plan``.
+
+    Device-memory operands (byte addresses, row-major with the given row strides in bytes):
+    A int8 ``M x K``, B int8 ``K x N``, output ``M x N`` (int8 or int32). For int8 output,
+    ``params_addr`` points at an int32 ``2 x N`` array: row 0 the per-column bias (added to
+    the int32 accumulator), row 1 the REQUANT scale words (see :func:`weft.sim.golden.pack_scale_word`).
+    """
+    R, C = config.array.rows, config.array.cols
+    M, N, K = plan.M, plan.N, plan.K
+    int8_out = plan.output == "int8"
+    out_elem = 1 if int8_out else 4
+    a_stride = K if a_stride is None else a_stride
+    b_stride = N if b_stride is None else b_stride
+    out_stride = N * out_elem if out_stride is None else out_stride
+    if int8_out and params_addr is None:
+        raise GemmError("int8 output needs params_addr (bias and scale words)")
+
+    prog: list[Instruction] = []
+    consumer = V if int8_out else S  # who empties accumulator tiles
+    step = 0
+    tile = 0
+    for i in range(plan.m_blocks):
+        m = plan.block_rows(i)
+        a_slot = plan.sp_a[i % 2]
+        for j in range(plan.n_tiles):
+            n = min(C, N - j * C)
+            acc = plan.acc_tile[tile % plan.acc_slots]
+            for t in range(plan.k_tiles):
+                k = min(R, K - t * R)
+                # ---- load queue: the step's inputs
+                loads: list[Instruction] = []
+                if int8_out and t == 0:
+                    p = plan.acc_param[tile % plan.param_slots]
+                    loads.append(Instruction.make(
+                        Opcode.LOAD, mem=Mem.ACC, local=p, dram=params_addr + j * C * 4, rows=2, cols=n,
+                        stride=N * 4, wait=[V] if tile >= plan.param_slots else [], signal=[V]))
+                if j == 0:
+                    loads.append(Instruction.make(
+                        Opcode.LOAD, mem=Mem.SP, local=a_slot + t * plan.mb, dram=a_addr + i * plan.mb * a_stride + t * R,
+                        rows=m, cols=k, stride=a_stride))
+                b_slot = plan.sp_b[step % plan.b_slots]
+                loads.append(Instruction.make(
+                    Opcode.LOAD, mem=Mem.SP, local=b_slot, dram=b_addr + t * R * b_stride + j * C,
+                    rows=k, cols=n, stride=b_stride))
+                if step >= plan.b_slots:  # the slots were last read by step - b_slots
+                    loads[0] = loads[0].with_tokens(wait=loads[0].wait | {MM})
+                loads[-1] = loads[-1].with_tokens(signal=loads[-1].signal | {MM})
+                prog += loads
+                # ---- matmul queue
+                wait = {L}
+                if t == 0 and tile >= plan.acc_slots:
+                    wait.add(consumer)  # the accumulator slot has been emptied
+                prog.append(Instruction.make(Opcode.PRELOAD, sp=b_slot, k=k, n=n, wait=wait))
+                signal = {L}
+                if t == plan.k_tiles - 1:
+                    signal.add(consumer)
+                prog.append(Instruction.make(Opcode.MATMUL, a=a_slot + t * plan.mb, acc=acc, m=m, k=k,
+                                             accumulate=int(t > 0), signal=signal))
+                step += 1
+            # ---- drain the accumulator tile
+            out_row = out_addr + i * plan.mb * out_stride + j * C * out_elem
+            if int8_out:
+                out = plan.sp_out[tile % plan.out_slots]
+                wait = {MM, L} | ({S} if tile >= plan.out_slots else set())
+                prog.append(Instruction.make(Opcode.REQUANT, src=acc, dst=out, rows=m,
+                                             param=plan.acc_param[tile % plan.param_slots], relu=int(relu),
+                                             wait=wait, signal={MM, S, L}))
+                prog.append(Instruction.make(Opcode.STORE, mem=Mem.SP, local=out, dram=out_row, rows=m, cols=n,
+                                             stride=out_stride, wait={V}, signal={V}))
+            else:
+                prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=out_row, rows=m, cols=n,
+                                             stride=out_stride, wait={MM}, signal={MM}))
+            tile += 1
+    if halt:
+        prog.append(Instruction.make(Opcode.HALT))
+    return prog
+
+
+def build_gemm_bundle(config: AcceleratorConfig, weights: np.ndarray, M: int, *, bias: np.ndarray | None = None,
+                      scale_words: np.ndarray | None = None, relu: bool = False, output: str | None = None,
+                      metadata: dict | None = None) -> Bundle:
+    """A self-contained bundle computing ``c = a @ weights`` for an int8 input ``a`` (M x K).
+
+    ``weights`` is int8 K x N and becomes a constant segment. With ``scale_words`` (int32,
+    one per output column; see :func:`weft.sim.golden.pack_scale_word`) and optional
+    int32 ``bias`` the output is int8 ``requant(a @ weights + bias)``; without, int32.
+    """
+    weights = np.asarray(weights)
+    if weights.ndim != 2 or weights.dtype != np.int8:
+        raise GemmError(f"weights must be a 2-D int8 array, got {weights.ndim}-D {weights.dtype}")
+    K, N = weights.shape
+    output = output or ("int8" if scale_words is not None else "int32")
+    if output == "int8" and scale_words is None:
+        raise GemmError("int8 output needs scale_words")
+    if output == "int32" and (bias is not None or scale_words is not None):
+        raise GemmError("bias and scale_words apply only to int8 output")
+    plan = plan_gemm(config, M, N, K, output=output)
+    mem = DeviceMemoryPlan(config)
+    program_size = _program_size_bound(plan)
+    program_addr = mem.allocate("program", program_size, "program")
+    b_addr = mem.allocate("weights", weights.nbytes, "constant")
+    segments = [Segment("weights", b_addr, weights.tobytes())]
+    params_addr = None
+    if output == "int8":
+        params = np.zeros((2, N), dtype="<i4")
+        params[0] = 0 if bias is None else np.asarray(bias, dtype=np.int64)
+        params[1] = np.asarray(scale_words, dtype=np.int64)
+        params_addr = mem.allocate("params", params.nbytes, "constant")
+        segments.append(Segment("params", params_addr, params.tobytes()))
+    a_spec = TensorSpec.dense("a", (M, K), "int8", mem.allocate("a", M * K, "input"))
+    c_spec = TensorSpec.dense("c", (M, N), output, mem.allocate("c", M * N * (1 if output == "int8" else 4), "output"))
+    program = gemm_program(config, plan, a_addr=a_spec.address, b_addr=b_addr, out_addr=c_spec.address,
+                           params_addr=params_addr, relu=relu)
+    assert len(program) * INSTR_BYTES <= program_size
+    meta = {"kernel": "gemm", "M": M, "N": N, "K": K, "output": output, "block_rows": plan.mb, **(metadata or {})}
+    return Bundle.for_config(config, program=program, program_address=program_addr, segments=segments,
+                             inputs=[a_spec], outputs=[c_spec], regions=mem.regions, metadata=meta)
+
+
+def _program_size_bound(plan: GemmPlan) -> int:
+    per_step = 5  # param load, A load, B load, preload, matmul
+    per_tile = 2  # requant, store
+    count = plan.steps * per_step + plan.m_blocks * plan.n_tiles * per_tile + 1
+    return count * INSTR_BYTES

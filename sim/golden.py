@@ -1,0 +1,524 @@
+"""Bit-exact model of the weft instruction set (numpy).
+
+:class:`GoldenMachine` executes a program instruction by instruction over a
+device-memory image, with the dispatcher, the four queue FIFOs and the token counters
+modelled as :mod:`weft.hw.isa` describes them. Its integer semantics are the
+specification the RTL must match (docs/numerics.md).
+
+Beyond computing results it refuses programs whose result would depend on timing:
+
+* a **deadlock** (no queue and not the dispatcher can make progress before HALT) is
+  reported with what each queue is waiting for;
+* a **race** (two accesses from different queues to the same on-chip row or device
+  memory byte, one a write, not ordered by tokens or a fence) is reported with both
+  instructions; happens-before is tracked with vector clocks carried by tokens, so the
+  verdict does not depend on the interleaving the model happens to pick;
+* a read of an on-chip row never written is reported.
+
+The model is not a timing model: cycles come from the compiler's performance model and
+from the RTL's counters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from weft.hw.bundle import Bundle, BundleError
+from weft.hw.config import AcceleratorConfig
+from weft.hw.isa import (
+    INSTR_BYTES,
+    REQUANT_MULT_BITS,
+    REQUANT_SHIFT_BITS,
+    Instruction,
+    IsaError,
+    Mem,
+    Opcode,
+    Queue,
+    decode_program,
+    format_instruction,
+)
+
+__all__ = [
+    "GoldenError",
+    "ProgramError",
+    "DeadlockError",
+    "RaceError",
+    "UninitializedReadError",
+    "RunStats",
+    "GoldenMachine",
+    "round_shift_half_even",
+    "requantize",
+    "pack_scale_word",
+    "run_bundle",
+]
+
+NUM_QUEUES = len(Queue)
+INT8_MIN, INT8_MAX = -128, 127
+
+
+class GoldenError(RuntimeError):
+    """The program cannot be executed as written."""
+
+
+class ProgramError(GoldenError):
+    """An instruction with operands outside what the configuration allows."""
+
+
+class DeadlockError(GoldenError):
+    pass
+
+
+class RaceError(GoldenError):
+    pass
+
+
+class UninitializedReadError(GoldenError):
+    pass
+
+
+# ---------------------------------------------------------------------- numerics
+def round_shift_half_even(value: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+    """``value / 2**shift`` rounded to the nearest integer, ties to even, exactly.
+
+    ``value`` must be int64 with magnitude below 2**61 (products in the requantizer are
+    below 2**50). Shifts of 62 or more give the same result as 62 (zero for such values).
+    """
+    value = np.asarray(value, dtype=np.int64)
+    shift = np.minimum(np.asarray(shift, dtype=np.int64), 62)
+    quotient = value >> shift  # floor division by 2**shift
+    remainder = value - (quotient << shift)
+    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 0)
+    round_up = (shift > 0) & ((remainder > half) | ((remainder == half) & (quotient & 1 == 1)))
+    return quotient + round_up
+
+
+def requantize(x: np.ndarray, bias: np.ndarray, scale_word: np.ndarray, relu: bool = False) -> np.ndarray:
+    """The REQUANT operation on int32 rows: bias, fixed-point scale, round, saturate, ReLU.
+
+    ``bias`` and ``scale_word`` broadcast along the last axis (one per output channel).
+    Returns int8.
+    """
+    words = np.asarray(scale_word, dtype=np.int64) & 0xFFFFFFFF
+    if np.any(words >> (REQUANT_MULT_BITS + REQUANT_SHIFT_BITS)):
+        raise ProgramError("requant scale word has reserved bits [31:22] set")
+    mult = words & ((1 << REQUANT_MULT_BITS) - 1)
+    shift = (words >> REQUANT_MULT_BITS) & ((1 << REQUANT_SHIFT_BITS) - 1)
+    total = np.asarray(x, dtype=np.int64) + np.asarray(bias, dtype=np.int64)  # 33 bits, no wrap
+    y = np.clip(round_shift_half_even(total * mult, shift), INT8_MIN, INT8_MAX)
+    if relu:
+        y = np.maximum(y, 0)
+    return y.astype(np.int8)
+
+
+def pack_scale_word(multiplier: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
+    """Pack per-channel (multiplier, shift) into REQUANT scale words (int32)."""
+    multiplier = np.asarray(multiplier, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    if np.any((multiplier < 0) | (multiplier >= 1 << REQUANT_MULT_BITS)):
+        raise ValueError(f"requant multiplier must be in [0, 2^{REQUANT_MULT_BITS})")
+    if np.any((shift < 0) | (shift >= 1 << REQUANT_SHIFT_BITS)):
+        raise ValueError(f"requant shift must be in [0, 2^{REQUANT_SHIFT_BITS})")
+    return (multiplier | (shift << REQUANT_MULT_BITS)).astype(np.int32)
+
+
+def _wrap_int32(value: np.ndarray) -> np.ndarray:
+    return np.asarray(value, dtype=np.int64).astype(np.int32)  # two's complement wrap
+
+
+# ---------------------------------------------------------------------- bookkeeping
+@dataclass
+class RunStats:
+    """What a run did (counts, not time)."""
+
+    instructions: dict[str, int] = field(default_factory=dict)
+    per_queue: dict[str, int] = field(default_factory=dict)
+    macs: int = 0
+    bytes_loaded: int = 0
+    bytes_stored: int = 0
+    max_tokens: int = 0
+    leftover_tokens: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.instructions.items()))
+        return (f"{sum(self.instructions.values())} instructions ({ops}); {self.macs} MACs; "
+                f"{self.bytes_loaded} bytes loaded, {self.bytes_stored} stored")
+
+
+class _RowTracker:
+    """Per-row write/read history of one on-chip memory, for init and race checks."""
+
+    def __init__(self, name: str, rows: int):
+        self.name = name
+        self.rows = rows
+        self.writer_queue = np.full(rows, -1, dtype=np.int8)
+        self.writer_seq = np.zeros(rows, dtype=np.int64)
+        self.writer_index = np.zeros(rows, dtype=np.int64)  # program index, for messages
+        self.reader_seq = np.zeros((rows, NUM_QUEUES), dtype=np.int64)
+        self.reader_index = np.zeros((rows, NUM_QUEUES), dtype=np.int64)
+
+
+@dataclass
+class _StoreRecord:
+    queue: int
+    seq: int
+    index: int
+    lo: int
+    hi: int
+    starts: np.ndarray  # byte ranges [start, start + width)
+    width: int
+
+
+# ---------------------------------------------------------------------- the machine
+class GoldenMachine:
+    """Bit-exact executor for one accelerator configuration.
+
+    ``memory_bytes`` limits the device-memory image (default: the configuration's);
+    the image is allocated lazily by the OS, so a large one costs only what is touched.
+    """
+
+    def __init__(self, config: AcceleratorConfig, memory_bytes: int | None = None):
+        self.config = config
+        size = config.device_memory_bytes if memory_bytes is None else memory_bytes
+        self.memory = np.zeros(size, dtype=np.uint8)
+        self.sp = np.zeros((config.sp_rows, config.sp_row_elems), dtype=np.int8)
+        self.acc = np.zeros((config.acc_rows, config.acc_row_elems), dtype=np.int32)
+        self.weights = np.zeros((config.array.rows, config.array.cols), dtype=np.int32)
+        self.weights_loaded = False
+        self._trackers = {Mem.SP: _RowTracker("scratchpad", config.sp_rows),
+                          Mem.ACC: _RowTracker("accumulator", config.acc_rows)}
+
+    # ------------------------------------------------------------------ host access
+    def write(self, address: int, data: bytes | np.ndarray) -> None:
+        raw = np.frombuffer(bytes(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
+        if address < 0 or address + raw.size > self.memory.size:
+            raise ProgramError(f"host write of {raw.size} bytes at 0x{address:x} is outside device memory")
+        self.memory[address:address + raw.size] = raw
+
+    def read(self, address: int, size: int) -> bytes:
+        if address < 0 or address + size > self.memory.size:
+            raise ProgramError(f"host read of {size} bytes at 0x{address:x} is outside device memory")
+        return self.memory[address:address + size].tobytes()
+
+    def fetch_program(self, address: int, count: int) -> list[Instruction]:
+        """Decode ``count`` instructions from device memory, as the hardware's fetch unit does."""
+        try:
+            return decode_program(self.read(address, count * INSTR_BYTES))
+        except IsaError as exc:
+            raise ProgramError(f"program at 0x{address:x}: {exc}") from None
+
+    # ------------------------------------------------------------------ execution
+    def run(self, program: list[Instruction], *, max_instructions: int | None = None) -> RunStats:
+        """Execute ``program`` (which must end in HALT) to completion and return statistics."""
+        cfg = self.config
+        stats = RunStats()
+        depth, token_max = cfg.queues.depth, cfg.queues.token_max
+        fifos: list[deque[int]] = [deque() for _ in range(NUM_QUEUES)]
+        tokens = np.zeros((NUM_QUEUES, NUM_QUEUES), dtype=np.int64)
+        # Vector clock of each queue, and of each token in flight per (producer, consumer).
+        clocks = np.zeros((NUM_QUEUES, NUM_QUEUES), dtype=np.int64)
+        token_clocks = [[deque() for _ in range(NUM_QUEUES)] for _ in range(NUM_QUEUES)]
+        seq = [0] * NUM_QUEUES
+        self._stores: list[_StoreRecord] = []
+        self._loads: list[_StoreRecord] = []
+        pc, halted, executed = 0, False, 0
+        limit = max_instructions if max_instructions is not None else 50 * len(program) + 1000
+
+        while not halted:
+            progress = False
+            # Dispatcher: move instructions into queue FIFOs in program order.
+            while pc < len(program):
+                instr = program[pc]
+                if instr.opcode in (Opcode.FENCE, Opcode.HALT):
+                    if any(fifos):
+                        break
+                    # Everything before is complete: every queue now knows every other's progress.
+                    clocks[:] = clocks.max(axis=0)
+                    stats.instructions[instr.spec.mnemonic] = stats.instructions.get(instr.spec.mnemonic, 0) + 1
+                    pc += 1
+                    progress = True
+                    if instr.opcode == Opcode.HALT:
+                        halted = True
+                        break
+                    continue
+                q = int(instr.queue)
+                if len(fifos[q]) >= depth:
+                    break
+                fifos[q].append(pc)
+                pc += 1
+                progress = True
+            if halted:
+                break
+            # Each queue executes its head instruction if its tokens allow.
+            for q in range(NUM_QUEUES):
+                if not fifos[q]:
+                    continue
+                index = fifos[q][0]
+                instr = program[index]
+                waits = [int(p) for p in instr.wait]
+                signals = [int(r) for r in instr.signal]
+                if any(tokens[p, q] == 0 for p in waits) or any(tokens[q, r] >= token_max for r in signals):
+                    continue
+                fifos[q].popleft()
+                for p in waits:
+                    tokens[p, q] -= 1
+                    np.maximum(clocks[q], token_clocks[p][q].popleft(), out=clocks[q])
+                seq[q] += 1
+                clocks[q, q] = seq[q]
+                self._execute(instr, index, q, clocks[q], stats)
+                for r in signals:
+                    tokens[q, r] += 1
+                    token_clocks[q][r].append(clocks[q].copy())
+                    stats.max_tokens = max(stats.max_tokens, int(tokens[q, r]))
+                stats.instructions[instr.spec.mnemonic] = stats.instructions.get(instr.spec.mnemonic, 0) + 1
+                qname = Queue(q).name.lower()
+                stats.per_queue[qname] = stats.per_queue.get(qname, 0) + 1
+                executed += 1
+                progress = True
+            if executed > limit:
+                raise GoldenError(f"more than {limit} instructions executed; the program does not terminate")
+            if not progress:
+                if pc >= len(program):
+                    raise ProgramError("program ends without HALT")
+                raise DeadlockError(self._deadlock_report(program, pc, fifos, tokens, depth, token_max))
+        stats.leftover_tokens = {f"{Queue(p).name.lower()}->{Queue(r).name.lower()}": int(tokens[p, r])
+                                 for p in range(NUM_QUEUES) for r in range(NUM_QUEUES) if tokens[p, r]}
+        return stats
+
+    def _deadlock_report(self, program, pc, fifos, tokens, depth, token_max) -> str:
+        lines = ["deadlock: no queue can make progress"]
+        for q in range(NUM_QUEUES):
+            name = Queue(q).name.lower()
+            if not fifos[q]:
+                lines.append(f"  {name}: empty")
+                continue
+            index = fifos[q][0]
+            instr = program[index]
+            why = [f"token from {Queue(p).name.lower()}" for p in instr.wait if tokens[int(p), q] == 0]
+            why += [f"room to signal {Queue(r).name.lower()} (counter full at {token_max})"
+                    for r in instr.signal if tokens[q, int(r)] >= token_max]
+            lines.append(f"  {name}: instruction {index} `{format_instruction(instr)}` waits for {', '.join(why)}")
+        if pc < len(program):
+            instr = program[pc]
+            if instr.queue is not None and len(fifos[int(instr.queue)]) >= depth:
+                lines.append(f"  dispatcher: instruction {pc} `{format_instruction(instr)}` waits for room in the "
+                             f"full {instr.queue.name.lower()} queue (depth {depth})")
+            else:
+                lines.append(f"  dispatcher: instruction {pc} `{format_instruction(instr)}` waits for the queues to drain")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ accesses
+    def _check_rows(self, mem: Mem, first: int, count: int, index: int, instr: Instruction) -> slice:
+        tracker = self._trackers[mem]
+        if first + count > tracker.rows:
+            raise ProgramError(f"instruction {index} `{format_instruction(instr)}`: rows {first}..{first + count - 1} "
+                               f"exceed the {tracker.name}'s {tracker.rows} rows")
+        return slice(first, first + count)
+
+    def _read_rows(self, mem: Mem, rows: slice, q: int, clock: np.ndarray, index: int, instr: Instruction) -> None:
+        t = self._trackers[mem]
+        wq = t.writer_queue[rows]
+        if np.any(wq < 0):
+            row = rows.start + int(np.argmax(wq < 0))
+            raise UninitializedReadError(f"instruction {index} `{format_instruction(instr)}` reads {t.name} row {row}, "
+                                         "which nothing has written")
+        other = wq != q
+        if np.any(other):
+            unordered = other & (t.writer_seq[rows] > clock[wq.astype(np.int64)])
+            if np.any(unordered):
+                k = int(np.argmax(unordered))
+                raise RaceError(f"race on {t.name} row {rows.start + k}: instruction {index} `{format_instruction(instr)}` "
+                                f"({Queue(q).name.lower()}) reads it while instruction {t.writer_index[rows][k]} "
+                                f"({Queue(int(wq[k])).name.lower()}) writes it, with no token ordering them")
+        t.reader_seq[rows, q] = clock[q]
+        t.reader_index[rows, q] = index
+
+    def _write_rows(self, mem: Mem, rows: slice, q: int, clock: np.ndarray, index: int, instr: Instruction) -> None:
+        t = self._trackers[mem]
+        wq = t.writer_queue[rows]
+        unordered = (wq >= 0) & (wq != q) & (t.writer_seq[rows] > clock[np.maximum(wq, 0).astype(np.int64)])
+        if np.any(unordered):
+            k = int(np.argmax(unordered))
+            raise RaceError(f"race on {t.name} row {rows.start + k}: instruction {index} `{format_instruction(instr)}` "
+                            f"({Queue(q).name.lower()}) and instruction {t.writer_index[rows][k]} "
+                            f"({Queue(int(wq[k])).name.lower()}) both write it, with no token ordering them")
+        for p in range(NUM_QUEUES):
+            if p == q:
+                continue
+            unordered = t.reader_seq[rows, p] > clock[p]
+            if np.any(unordered):
+                k = int(np.argmax(unordered))
+                raise RaceError(f"race on {t.name} row {rows.start + k}: instruction {index} `{format_instruction(instr)}` "
+                                f"({Queue(q).name.lower()}) overwrites it while instruction {t.reader_index[rows, p][k]} "
+                                f"({Queue(p).name.lower()}) may still read it, with no token ordering them")
+        t.writer_queue[rows] = q
+        t.writer_seq[rows] = clock[q]
+        t.writer_index[rows] = index
+
+    def _dram_access(self, q: int, clock: np.ndarray, index: int, instr: Instruction, base: int, rows: int,
+                     width: int, stride: int, is_write: bool) -> np.ndarray:
+        """Byte offsets of a strided access; checks bounds and races against the other direction."""
+        starts = base + np.arange(rows, dtype=np.int64) * stride
+        if rows == 0 or width == 0:
+            return starts
+        lo, hi = int(starts.min()), int(starts.max()) + width
+        if lo < 0 or hi > self.memory.size:
+            raise ProgramError(f"instruction {index} `{format_instruction(instr)}`: device-memory bytes "
+                               f"0x{lo:x}..0x{hi - 1:x} are outside the {self.memory.size}-byte memory")
+        record = _StoreRecord(q, int(clock[q]), index, lo, hi, starts, width)
+        # Only the load and store queues touch device memory, so races are load vs store.
+        others = self._loads if is_write else self._stores
+        live = []
+        for other in others:
+            if other.seq <= clock[other.queue]:
+                continue  # ordered before this access; it can never race with later ones either
+            live.append(other)
+            if other.hi <= lo or hi <= other.lo:
+                continue
+            if _ranges_overlap(starts, width, other.starts, other.width):
+                kind = "writes" if is_write else "reads"
+                raise RaceError(f"race in device memory 0x{max(lo, other.lo):x}..: instruction {index} "
+                                f"`{format_instruction(instr)}` {kind} bytes that instruction {other.index} "
+                                f"({Queue(other.queue).name.lower()}) also accesses, with no token ordering them")
+        others[:] = live
+        (self._stores if is_write else self._loads).append(record)
+        return starts
+
+    # ------------------------------------------------------------------ operations
+    def _execute(self, instr: Instruction, index: int, q: int, clock: np.ndarray, stats: RunStats) -> None:
+        cfg = self.config
+        op, a = instr.opcode, instr.args
+        where = f"instruction {index} `{format_instruction(instr)}`"
+        if op == Opcode.TOKEN:
+            return
+        if op in (Opcode.LOAD, Opcode.STORE):
+            mem = Mem(a["mem"])
+            row_elems = cfg.sp_row_elems if mem == Mem.SP else cfg.acc_row_elems
+            esize = 1 if mem == Mem.SP else 4
+            if a["cols"] > row_elems:
+                raise ProgramError(f"{where}: cols={a['cols']} exceeds the {row_elems}-element {mem.name.lower()} row")
+            rows = self._check_rows(mem, a["local"], a["rows"], index, instr)
+            width = a["cols"] * esize
+            starts = self._dram_access(q, clock, index, instr, a["dram"], a["rows"], width, a["stride"],
+                                       is_write=(op == Opcode.STORE))
+            offsets = starts[:, None] + np.arange(width, dtype=np.int64)
+            target = self.sp if mem == Mem.SP else self.acc
+            if op == Opcode.LOAD:
+                self._write_rows(mem, rows, q, clock, index, instr)
+                raw = self.memory[offsets].reshape(a["rows"], width)
+                values = raw.view(np.int8) if mem == Mem.SP else raw.copy().view("<i4")
+                target[rows] = 0
+                target[rows, :a["cols"]] = values
+                stats.bytes_loaded += a["rows"] * width
+            else:
+                self._read_rows(mem, rows, q, clock, index, instr)
+                values = np.ascontiguousarray(target[rows, :a["cols"]]).astype(target.dtype.newbyteorder("<"))
+                self.memory[offsets] = values.view(np.uint8).reshape(a["rows"], width)
+                stats.bytes_stored += a["rows"] * width
+            return
+        if op == Opcode.PRELOAD:
+            k, n = a["k"], a["n"]
+            if not 1 <= k <= cfg.array.rows or not 1 <= n <= cfg.array.cols:
+                raise ProgramError(f"{where}: k must be in 1..{cfg.array.rows} and n in 1..{cfg.array.cols}")
+            rows = self._check_rows(Mem.SP, a["sp"], k, index, instr)
+            self._read_rows(Mem.SP, rows, q, clock, index, instr)
+            self.weights[:] = 0
+            self.weights[:k, :n] = self.sp[rows, :n]
+            self.weights_loaded = True
+            self._preload_n = n
+            return
+        if op == Opcode.MATMUL:
+            m, k = a["m"], a["k"]
+            if not 1 <= k <= cfg.array.rows:
+                raise ProgramError(f"{where}: k must be in 1..{cfg.array.rows}")
+            if not self.weights_loaded:
+                raise UninitializedReadError(f"{where}: no weights were preloaded")
+            src = self._check_rows(Mem.SP, a["a"], m, index, instr)
+            dst = self._check_rows(Mem.ACC, a["acc"], m, index, instr)
+            if m == 0:
+                return
+            self._read_rows(Mem.SP, src, q, clock, index, instr)
+            product = self.sp[src, :k].astype(np.int64) @ self.weights[:k].astype(np.int64)
+            if a["accumulate"]:
+                self._read_rows(Mem.ACC, dst, q, clock, index, instr)
+                product += self.acc[dst]
+            self._write_rows(Mem.ACC, dst, q, clock, index, instr)
+            self.acc[dst] = _wrap_int32(product)
+            stats.macs += m * k * self._preload_n
+            return
+        if op == Opcode.REQUANT:
+            src = self._check_rows(Mem.ACC, a["src"], a["rows"], index, instr)
+            dst = self._check_rows(Mem.SP, a["dst"], a["rows"], index, instr)
+            params = self._check_rows(Mem.ACC, a["param"], 2, index, instr)
+            if a["rows"] == 0:
+                return
+            self._read_rows(Mem.ACC, params, q, clock, index, instr)
+            self._read_rows(Mem.ACC, src, q, clock, index, instr)
+            try:
+                y = requantize(self.acc[src], self.acc[params.start], self.acc[params.start + 1], bool(a["relu"]))
+            except ProgramError as exc:
+                raise ProgramError(f"{where}: {exc} (accumulator row {params.start + 1})") from None
+            self._write_rows(Mem.SP, dst, q, clock, index, instr)
+            self.sp[dst] = 0
+            self.sp[dst, :cfg.array.cols] = y
+            return
+        raise ProgramError(f"{where}: opcode has no semantics in the model")  # pragma: no cover
+
+
+def _ranges_overlap(starts_a: np.ndarray, width_a: int, starts_b: np.ndarray, width_b: int) -> bool:
+    """Whether any [s, s + width_a) of ``starts_a`` meets any [t, t + width_b) of ``starts_b``."""
+    b_sorted = np.sort(starts_b)
+    # For each a-range, the first b-range starting at or after its end bounds the candidates;
+    # the one just before that is the only b-range that can still overlap it.
+    pos = np.searchsorted(b_sorted, starts_a + width_a, side="left") - 1
+    valid = pos >= 0
+    return bool(np.any(valid & (b_sorted[np.maximum(pos, 0)] + width_b > starts_a)))
+
+
+# ---------------------------------------------------------------------- bundles
+def run_bundle(bundle: Bundle, inputs: Mapping[str, np.ndarray], config: AcceleratorConfig,
+               *, machine: GoldenMachine | None = None) -> tuple[dict[str, np.ndarray], RunStats]:
+    """Load a bundle and its inputs into a fresh machine, run it, and read the outputs.
+
+    Integer inputs must already have the tensor's dtype; float inputs are quantized
+    with the tensor's scale. Returns (outputs as stored integers, statistics).
+    """
+    bundle.check_config(config)
+    machine = machine or GoldenMachine(config, memory_bytes=_memory_size(bundle, config))
+    missing = [t.name for t in bundle.inputs if t.name not in inputs]
+    if missing:
+        raise BundleError(f"missing inputs: {', '.join(missing)} (bundle inputs: "
+                          f"{', '.join(t.name for t in bundle.inputs)})")
+    extra = sorted(set(inputs) - {t.name for t in bundle.inputs})
+    if extra:
+        raise BundleError(f"unknown inputs: {', '.join(extra)} (bundle inputs: "
+                          f"{', '.join(t.name for t in bundle.inputs)})")
+    for segment in bundle.segments:
+        machine.write(segment.address, segment.data)
+    machine.write(bundle.program_address, bundle.program_bytes)
+    for spec in bundle.inputs:
+        value = np.asarray(inputs[spec.name])
+        if np.issubdtype(value.dtype, np.floating):
+            value = spec.quantize(value)
+        elif value.dtype != spec.np_dtype:
+            info = np.iinfo(spec.np_dtype)
+            if value.size and (value.min() < info.min or value.max() > info.max):
+                raise BundleError(f"input {spec.name!r}: values outside {spec.dtype}")
+            value = value.astype(spec.np_dtype)
+        spec.write_to(machine.memory, value)
+    program = machine.fetch_program(bundle.program_address, len(bundle.program))
+    stats = machine.run(program)
+    outputs = {spec.name: spec.read_from(machine.memory) for spec in bundle.outputs}
+    return outputs, stats
+
+
+def _memory_size(bundle: Bundle, config: AcceleratorConfig) -> int:
+    top = bundle.memory_top()
+    if top > config.device_memory_bytes:
+        raise BundleError(f"bundle needs {top} bytes of device memory; configuration {config.name!r} has "
+                          f"{config.device_memory_bytes}")
+    # Only what the bundle uses, rounded up: keeps the model's image small for small programs.
+    return min(config.device_memory_bytes, (top + 0xFFFF) & ~0xFFFF)
