@@ -1,0 +1,305 @@
+"""The ``weft`` command line: a thin layer over the library.
+
+Exit codes: 0 success, 1 the job ran but failed (for example a result mismatch),
+2 bad input (unreadable or invalid configuration, bundle, program or arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+# ---------------------------------------------------------------------- helpers
+def _load_config(name: str):
+    from weft.hw.config import load_config
+
+    return load_config(name)
+
+
+def _bundle_config(bundle, override: str | None):
+    """The configuration to run a bundle on: --config if given, else the built-in it names."""
+    from weft.hw.config import builtin_config_names
+
+    if override:
+        return _load_config(override)
+    if bundle.config_name in builtin_config_names():
+        return _load_config(bundle.config_name)
+    raise UsageError(f"bundle was built for configuration {bundle.config_name!r}, which is not built in; "
+                     "pass --config FILE")
+
+
+def _parse_inputs(items: list[str]) -> dict[str, np.ndarray]:
+    inputs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UsageError(f"--inputs expects NAME=FILE.npy, got {item!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read input {name!r} from {path}: {exc}") from None
+    return inputs
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_config_show(args) -> int:
+    config = _load_config(args.config)
+    if args.json:
+        print(json.dumps({**config.to_dict(), "hash": config.hash}, indent=2))
+        return EXIT_OK
+    print(config.to_yaml().rstrip())
+    print(f"# hash: {config.hash}  (register value 0x{config.hash32:08x})")
+    print(f"# scratchpad: {config.sp_rows} rows x {config.sp_row_elems} int8; "
+          f"accumulator: {config.acc_rows} rows x {config.acc_row_elems} int32")
+    print(f"# peak: {config.macs_per_cycle} MAC/cycle = {config.macs_per_cycle * config.clock_mhz * 2 / 1e3:.1f} "
+          f"GOP/s at {config.clock_mhz:g} MHz; multipliers: {config.estimated_multipliers()}")
+    return EXIT_OK
+
+
+def cmd_config_validate(args) -> int:
+    from weft.hw.config import ConfigError
+
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            config = _load_config(path)
+        except ConfigError as exc:
+            print(f"{path}: invalid: {exc}", file=sys.stderr)
+            status = EXIT_BAD_INPUT
+            continue
+        print(f"{path}: valid ({config.name}, hash {config.hash[:16]})")
+    return status
+
+
+def cmd_asm(args) -> int:
+    from weft.hw.isa import assemble, encode_program
+
+    program = assemble(Path(args.source).read_text())
+    data = encode_program(program)
+    Path(args.output).write_bytes(data)
+    print(f"{args.output}: {len(program)} instructions, {len(data)} bytes")
+    return EXIT_OK
+
+
+def cmd_disasm(args) -> int:
+    from weft.hw.bundle import MAGIC, Bundle
+    from weft.hw.isa import decode_program, disassemble
+
+    data = Path(args.file).read_bytes()
+    if data.startswith(MAGIC):
+        program = Bundle.from_bytes(data, source=args.file).program
+    else:
+        program = decode_program(data)
+    text = disassemble(program)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from weft.hw.bundle import read_bundle
+    from weft.sim.golden import run_bundle
+
+    bundle = read_bundle(args.bundle)
+    config = _bundle_config(bundle, args.config)
+    bundle.check_config(config)
+    inputs = _parse_inputs(args.inputs or [])
+    start = time.perf_counter()
+    outputs, stats = run_bundle(bundle, inputs, config)
+    elapsed = time.perf_counter() - start
+    print(f"ran {args.bundle} on {args.device} ({config.name}) in {elapsed:.2f} s: {stats.summary()}")
+    out_dir = Path(args.outputs) if args.outputs else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for spec in bundle.outputs:
+        value = outputs[spec.name]
+        print(f"  {spec.name}: {spec.dtype}{list(spec.shape)} min {value.min()} max {value.max()}")
+        if out_dir:
+            np.save(out_dir / f"{spec.name}.npy", value)
+    return EXIT_OK
+
+
+def cmd_gemm(args) -> int:
+    from weft.compiler.gemm import build_gemm_bundle
+    from weft.compiler.quant import fixed_point_scale
+    from weft.sim.golden import pack_scale_word
+
+    config = _load_config(args.config)
+    rng = np.random.default_rng(args.seed)
+    weights = rng.integers(-128, 128, (args.K, args.N), dtype=np.int8)
+    kwargs = {}
+    if args.int8:
+        # A scale that maps the typical accumulator magnitude (about 128*128*sqrt(K)/3) into int8.
+        mult, shift = fixed_point_scale(np.full(args.N, 100.0 / (128 * 128 * np.sqrt(args.K) / 3)))
+        kwargs = {"bias": rng.integers(-4096, 4096, args.N).astype(np.int32),
+                  "scale_words": pack_scale_word(mult, shift)}
+    bundle = build_gemm_bundle(config, weights, args.M, **kwargs)
+    bundle.write(args.output)
+    print(f"{args.output}: GEMM {args.M}x{args.N}x{args.K} for {config.name}, {len(bundle.program)} instructions")
+    if args.write_input:
+        a = rng.integers(-128, 128, (args.M, args.K), dtype=np.int8)
+        np.save(args.write_input, a)
+        print(f"{args.write_input}: random input a ({args.M}x{args.K} int8)")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from weft.compiler.gemm import build_gemm_bundle, plan_gemm
+    from weft.compiler.quant import fixed_point_scale
+    from weft.hw.bundle import Bundle
+    from weft.sim.golden import pack_scale_word, requantize, run_bundle
+
+    config = _load_config(args.config)
+    M, N, K = args.shape
+    rng = np.random.default_rng(args.seed)
+    print(f"weft demo: int8 GEMM {M}x{N}x{K} with bias, requantization and ReLU on configuration "
+          f"{config.name!r} ({config.array.rows}x{config.array.cols} array), bit-exact model")
+    a = rng.integers(-128, 128, (M, K), dtype=np.int8)
+    b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bias = rng.integers(-20000, 20000, N).astype(np.int32)
+    mult, shift = fixed_point_scale(rng.uniform(0.5, 2.0, N) / (128 * np.sqrt(K)))
+    words = pack_scale_word(mult, shift)
+    start = time.perf_counter()
+    bundle = build_gemm_bundle(config, b, M, bias=bias, scale_words=words, relu=True)
+    data = bundle.to_bytes()
+    bundle = Bundle.from_bytes(data, config=config)
+    compile_s = time.perf_counter() - start
+    plan = plan_gemm(config, M, N, K)
+    print(f"  bundle: {len(bundle.program)} instructions, {len(data)} bytes; tiles: {plan.m_blocks} row blocks of "
+          f"{plan.mb} x {plan.n_tiles} column tiles x {plan.k_tiles} K slices ({compile_s * 1e3:.0f} ms)")
+    start = time.perf_counter()
+    outputs, stats = run_bundle(bundle, {"a": a}, config)
+    run_s = time.perf_counter() - start
+    print(f"  run: {stats.summary()} in {run_s:.2f} s")
+    expected = requantize(a.astype(np.int64) @ b.astype(np.int64), bias, words, relu=True)
+    got = outputs["c"]
+    mismatches = int(np.count_nonzero(got != expected))
+    ideal = M * N * K / config.macs_per_cycle
+    print(f"  ideal array time: {ideal:.0f} cycles = {ideal / config.clock_mhz:.1f} us at {config.clock_mhz:g} MHz")
+    if mismatches:
+        print(f"  FAIL: {mismatches} of {got.size} outputs differ from numpy")
+        return EXIT_FAILED
+    print(f"  PASS: all {got.size} int8 outputs equal numpy's (int64 matmul, bias, round-half-even, saturate, ReLU)")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from weft.sim.bench import bench_golden, describe_host, format_table
+
+    config = _load_config(args.config)
+    shapes = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1536, 384)]
+    print(f"bit-exact model on configuration {config.name!r}; host: {describe_host()}")
+    results = bench_golden(config, shapes)
+    rows = [[r["shape"], r["instructions"], f"{r['build_s'] * 1e3:.0f}", f"{r['run_s']:.2f}",
+             f"{r['instr_per_s']:.0f}", f"{r['gmac_per_s']:.2f}", "yes" if r["exact"] else "NO"] for r in results]
+    print(format_table(["GEMM MxNxK", "instr", "build ms", "run s", "instr/s", "GMAC/s", "exact"], rows))
+    return EXIT_OK if all(r["exact"] for r in results) else EXIT_FAILED
+
+
+def cmd_docs(args) -> int:
+    from weft.hw.isa import render_markdown
+
+    text = render_markdown()
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weft", description="Co-design toolkit for int8 transformer accelerators on FPGAs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="show or validate accelerator configurations")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print a configuration with its hash and derived sizes")
+    show.add_argument("config", help="built-in name (tiny, default, ulx3s) or YAML file")
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(func=cmd_config_show)
+    validate = config_sub.add_parser("validate", help="check configuration files; exit 2 if any is invalid")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=cmd_config_validate)
+
+    asm = sub.add_parser("asm", help="assemble a text program into binary instructions")
+    asm.add_argument("source", help="assembly text file")
+    asm.add_argument("-o", "--output", required=True, help="binary output file")
+    asm.set_defaults(func=cmd_asm)
+
+    disasm = sub.add_parser("disasm", help="disassemble binary instructions or a bundle's program")
+    disasm.add_argument("file", help="binary program or .weft bundle")
+    disasm.add_argument("-o", "--output", help="write the text here instead of standard output")
+    disasm.set_defaults(func=cmd_disasm)
+
+    run = sub.add_parser("run", help="run a bundle on a device")
+    run.add_argument("bundle", help=".weft bundle")
+    run.add_argument("--device", choices=["golden"], default="golden", help="executor (default: golden, the bit-exact model)")
+    run.add_argument("--config", help="configuration (default: the built-in the bundle names)")
+    run.add_argument("--inputs", nargs="*", metavar="NAME=FILE.npy", help="input tensors")
+    run.add_argument("--outputs", metavar="DIR", help="save each output as DIR/NAME.npy")
+    run.set_defaults(func=cmd_run)
+
+    gemm = sub.add_parser("gemm", help="build a GEMM bundle with random int8 weights")
+    gemm.add_argument("M", type=int)
+    gemm.add_argument("N", type=int)
+    gemm.add_argument("K", type=int)
+    gemm.add_argument("--config", default="default")
+    gemm.add_argument("--int8", action="store_true", help="requantized int8 output with bias (default: int32)")
+    gemm.add_argument("--seed", type=int, default=0)
+    gemm.add_argument("-o", "--output", required=True, help="bundle file to write")
+    gemm.add_argument("--write-input", metavar="FILE.npy", help="also write a random input a")
+    gemm.set_defaults(func=cmd_gemm)
+
+    demo = sub.add_parser("demo", help="the main job of this release: a GEMM bundle checked against numpy")
+    demo.add_argument("--config", default="default")
+    demo.add_argument("--shape", type=int, nargs=3, metavar=("M", "N", "K"), default=(200, 300, 150))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark and print its table")
+    bench.add_argument("what", choices=["golden"], help="golden: bit-exact model speed on GEMM bundles")
+    bench.add_argument("--config", default="default")
+    bench.set_defaults(func=cmd_bench)
+
+    docs = sub.add_parser("docs", help="generate reference documentation")
+    docs.add_argument("what", choices=["isa"])
+    docs.add_argument("-o", "--output", help="file to write (default: standard output)")
+    docs.set_defaults(func=cmd_docs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from weft.hw.bundle import BundleError
+    from weft.hw.config import ConfigError
+    from weft.hw.isa import IsaError
+    from weft.sim.golden import GoldenError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, BundleError, IsaError, FileNotFoundError) as exc:
+        print(f"weft: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except GoldenError as exc:
+        print(f"weft: program failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
