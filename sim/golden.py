@@ -391,7 +391,7 @@ class GoldenMachine:
     def _execute(self, instr: Instruction, index: int, q: int, clock: np.ndarray, stats: RunStats) -> None:
         cfg = self.config
         op, a = instr.opcode, instr.args
-        where = f"instruction {index} `{format_instruction(instr)}`"
+        where = _Where(index, instr)  # formatted only when an error message needs it
         if op == Opcode.TOKEN:
             return
         if op in (Opcode.LOAD, Opcode.STORE):
@@ -466,6 +466,16 @@ class GoldenMachine:
             self.sp[dst, :cfg.array.cols] = y
             return
         raise ProgramError(f"{where}: opcode has no semantics in the model")  # pragma: no cover
+
+
+class _Where:
+    def __init__(self, index: int, instr: Instruction):
+        self.index, self.instr = index, instr
+
+    def __str__(self) -> str:
+        return f"instruction {self.index} `{format_instruction(self.instr)}`"
+
+    __format__ = lambda self, spec: str(self)  # noqa: E731
 
 
 def _ranges_overlap(starts_a: np.ndarray, width_a: int, starts_b: np.ndarray, width_b: int) -> bool:
