@@ -90,6 +90,18 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
     if N > C and config.sp_row_elems < C:  # pragma: no cover - sp rows are max(R, C) wide
         raise GemmError("scratchpad rows narrower than the array")
     k_tiles, n_tiles = math.ceil(K / R), math.ceil(N / C)
+    if b_slots < 1:
+        raise GemmError(f"b_slots={b_slots}: at least one B slot is needed")
+    # The load of A block i + 2 (into the slot block i used) is ordered only after the
+    # matmul b_slots steps earlier; block i's last read of the slot is (n_tiles + 1) *
+    # k_tiles steps before it, so more B slots than that would let the load overwrite
+    # rows still being read (a race).
+    b_slots = min(b_slots, (n_tiles + 1) * k_tiles)
+    # Every slot-free token stream keeps up to max(b_slots, 2) tokens in one counter
+    # (and leaves that many at the end); a smaller token_max stalls the producer for good.
+    if config.queues.token_max < max(b_slots, 2):
+        raise GemmError(f"queues.token_max={config.queues.token_max} is too small: the GEMM kernel keeps "
+                        f"up to {max(b_slots, 2)} tokens in flight between two queues")
     int8_out = output == "int8"
     acc_slots = out_slots = 2
     param_slots = 2 if int8_out else 0
@@ -174,7 +186,7 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 wait = {L}
                 if t == 0 and tile >= plan.acc_slots:
                     wait.add(consumer)  # the accumulator slot has been emptied
-                prog.append(Instruction.make(Opcode.PRELOAD, sp=b_slot, k=k, n=n, wait=wait))
+                prog.append(Instruction.make(Opcode.PRELOAD, sp=b_slot, k=k, n=n, transpose=0, wait=wait))
                 signal = {L}
                 if t == plan.k_tiles - 1:
                     signal.add(consumer)

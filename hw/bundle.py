@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .config import AcceleratorConfig
-from .isa import INSTR_BYTES, Instruction, decode_program, encode_program
+from .isa import INSTR_BYTES, Instruction, IsaError, decode_program, encode_program
 
 __all__ = [
     "FORMAT_VERSION",
@@ -312,7 +312,10 @@ class Bundle:
 
         try:
             prog = manifest["program"]
-            program = decode_program(take(prog, "program"))
+            try:
+                program = decode_program(take(prog, "program"))
+            except IsaError as exc:
+                raise BundleError(f"{source}: program does not decode: {exc}") from None
             if len(program) != prog["count"]:
                 raise BundleError(f"{source}: manifest announces {prog['count']} instructions, found {len(program)}")
             bundle = cls(

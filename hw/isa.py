@@ -196,10 +196,13 @@ _SPECS = (
             Field("sp", 20, Kind.ADDR, "first scratchpad row of the weight tile"),
             Field("k", 8, Kind.UINT, "weight-tile rows (reduction depth), 1..array.rows"),
             Field("n", 8, Kind.UINT, "weight-tile columns, 1..array.cols"),
+            Field("transpose", 1, Kind.BOOL, "1: the tile is stored transposed (one scratchpad row per column)"),
         ),
         "Load a weight tile into the array.",
-        "W[t][j] = sp[sp + t][j] for t < k and j < n; every other W entry becomes 0. "
-        "W stays until the next preload.",
+        "W[t][j] = sp[sp + t][j] (transpose = 0; reads k rows) or W[t][j] = sp[sp + j][t] "
+        "(transpose = 1; reads n rows) for t < k and j < n; every other W entry becomes 0. "
+        "W stays until the next preload. The transposed form multiplies by a matrix stored "
+        "row-major, as attention's Q K^T needs for K.",
     ),
     OpSpec(
         Opcode.MATMUL, "matmul", Queue.MATMUL,
@@ -277,6 +280,9 @@ class Instruction:
                 raise IsaError(f"{spec.mnemonic}: unknown field {name!r} (fields: {', '.join(names) or 'none'})")
         for f in spec.fields:
             if f.name not in args:
+                if f.kind is Kind.BOOL:  # flags default to 0, so adding one breaks no program
+                    args[f.name] = 0
+                    continue
                 raise IsaError(f"{spec.mnemonic}: field {f.name!r} is missing")
             value = int(args[f.name])
             if not 0 <= value <= f.max:
@@ -424,7 +430,10 @@ def parse_instruction(line: str, *, lineno: int | None = None) -> Instruction | 
             raise IsaError(f"{where}expected name=value, got {item!r}")
         key = key.lower()
         if key in ("wait", "signal"):
-            queues = _queue_set(value.split(","))
+            try:
+                queues = _queue_set(value.split(","))
+            except IsaError as exc:
+                raise IsaError(f"{where}{exc}") from None
             if key == "wait":
                 wait = queues
             else:
@@ -509,7 +518,8 @@ def render_markdown() -> str:
     out += [
         "## Assembly syntax",
         "",
-        "One instruction per line: the mnemonic, then `field=value` for every field, then "
+        "One instruction per line: the mnemonic, then `field=value` for every field (flags, "
+        "the one-bit fields, may be left out and then are 0), then "
         "optional `wait=` and `signal=` with comma-separated queue names. `#` or `;` starts "
         "a comment. Numbers take any Python integer prefix (`0x`, `0b`, decimal). The "
         "disassembler prints fields in the order above, addresses in hex, so "
@@ -517,7 +527,7 @@ def render_markdown() -> str:
         "",
         "```",
         "load mem=sp local=0x0 dram=0x1000 rows=16 cols=16 stride=0x200 signal=matmul",
-        "preload sp=0x10 k=16 n=16 wait=load",
+        "preload sp=0x10 k=16 n=16 transpose=0 wait=load",
         "matmul a=0x0 acc=0x0 m=16 k=16 accumulate=0 signal=vector",
         "halt",
         "```",

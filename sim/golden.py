@@ -423,10 +423,11 @@ class GoldenMachine:
             k, n = a["k"], a["n"]
             if not 1 <= k <= cfg.array.rows or not 1 <= n <= cfg.array.cols:
                 raise ProgramError(f"{where}: k must be in 1..{cfg.array.rows} and n in 1..{cfg.array.cols}")
-            rows = self._check_rows(Mem.SP, a["sp"], k, index, instr)
+            transpose = bool(a["transpose"])
+            rows = self._check_rows(Mem.SP, a["sp"], n if transpose else k, index, instr)
             self._read_rows(Mem.SP, rows, q, clock, index, instr)
             self.weights[:] = 0
-            self.weights[:k, :n] = self.sp[rows, :n]
+            self.weights[:k, :n] = self.sp[rows, :k].T if transpose else self.sp[rows, :n]
             self.weights_loaded = True
             self._preload_n = n
             return

@@ -61,7 +61,7 @@ def test_asm_disasm_round_trip(tmp_path):
     assert main(["asm", str(source), "-o", str(binary)]) == EXIT_OK
     assert binary.stat().st_size == 3 * 16
     assert main(["disasm", str(binary), "-o", str(text)]) == EXIT_OK
-    assert text.read_text().splitlines()[1] == "preload sp=0x0 k=4 n=4 wait=load"
+    assert text.read_text().splitlines()[1] == "preload sp=0x0 k=4 n=4 transpose=0 wait=load"
     binary2 = tmp_path / "p2.bin"
     assert main(["asm", str(text), "-o", str(binary2)]) == EXIT_OK
     assert binary2.read_bytes() == binary.read_bytes()
@@ -69,7 +69,7 @@ def test_asm_disasm_round_trip(tmp_path):
 
 def test_asm_error_names_line(tmp_path, capsys):
     source = tmp_path / "p.s"
-    source.write_text("halt\nmatmul a=0 acc=0 m=1 k=1\n")
+    source.write_text("halt\nmatmul a=0 acc=0 m=1\n")  # k missing
     assert main(["asm", str(source), "-o", str(tmp_path / "p.bin")]) == EXIT_BAD_INPUT
     assert "line 2" in capsys.readouterr().err
 
