@@ -113,9 +113,13 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
     mb_max = min(mb_sp, mb_acc, (1 << 16) - 1, max_block_rows or M)
     if mb_max < 1:
         need_sp = b_slots * R + 2 * k_tiles + (out_slots if int8_out else 0)
-        raise GemmError(f"GEMM {M}x{N}x{K} does not fit: one row block needs {need_sp} scratchpad rows "
-                        f"(K={K} is {k_tiles} slices of {R}) and {acc_slots + 2 * param_slots} accumulator rows; "
-                        f"free: {sp_free} scratchpad rows, {config.acc_rows - acc_base} accumulator rows")
+        need_acc = acc_slots + 2 * param_slots
+        short = [f"scratchpad needs {need_sp} rows, {sp_free} free (short by {need_sp - sp_free})"
+                 for _ in [0] if mb_sp < 1]
+        short += [f"accumulator needs {need_acc} rows, {config.acc_rows - acc_base} free "
+                  f"(short by {need_acc - (config.acc_rows - acc_base)})" for _ in [0] if mb_acc < 1]
+        raise GemmError(f"GEMM {M}x{N}x{K} does not fit even one row block (K={K} is {k_tiles} slices of {R}): "
+                        + "; ".join(short))
     m_blocks = math.ceil(M / mb_max)
     mb = math.ceil(M / m_blocks)
     sp_a = tuple(sp_base + s * mb * k_tiles for s in range(2))

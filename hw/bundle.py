@@ -101,8 +101,8 @@ class TensorSpec:
             raise BundleError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r} (supported: {', '.join(_DTYPES)})")
         if len(self.strides) != len(self.shape):
             raise BundleError(f"tensor {self.name!r}: {len(self.shape)} dimensions but {len(self.strides)} strides")
-        if any(d < 0 for d in self.shape) or self.address < 0:
-            raise BundleError(f"tensor {self.name!r}: negative shape or address")
+        if any(d < 0 for d in self.shape) or self.address < 0 or any(s < 0 for s in self.strides):
+            raise BundleError(f"tensor {self.name!r}: negative shape, stride or address")
 
     @classmethod
     def dense(cls, name: str, shape: Iterable[int], dtype: str, address: int, **quant) -> "TensorSpec":

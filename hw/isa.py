@@ -15,7 +15,8 @@ every (producer, consumer) pair of distinct queues has a token counter. An instr
 whose ``wait`` set names queue P first takes one token from counter P->Q (stalling
 while it is zero); once it and every earlier instruction of its queue have completed,
 it adds one token to Q->R for every R in its ``signal`` set (stalling while that
-counter holds ``queues.token_max`` tokens). A program is race-free when every pair of
+counter holds ``queues.token_max`` tokens). Every counter is zero when a program
+starts; tokens left when it halts are discarded. A program is race-free when every pair of
 accesses from different queues to the same on-chip row, one of them a write, is
 ordered by tokens or a fence; the bit-exact model rejects programs that are not.
 """
