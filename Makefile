@@ -51,6 +51,7 @@ bench: setup
 
 docs: setup
 	$(WEFT) docs isa -o docs/isa.md
+	$(WEFT) docs registers -o docs/registers.md
 
 clean:
 	rm -rf .cache build *.egg-info

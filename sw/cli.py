@@ -211,7 +211,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_docs(args) -> int:
-    from weft.hw.isa import render_markdown
+    if args.what == "registers":
+        from weft.hw.registers import render_markdown
+    else:
+        from weft.hw.isa import render_markdown
 
     text = render_markdown()
     if args.output:
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     docs = sub.add_parser("docs", help="generate reference documentation")
-    docs.add_argument("what", choices=["isa"])
+    docs.add_argument("what", choices=["isa", "registers"])
     docs.add_argument("-o", "--output", help="file to write (default: standard output)")
     docs.set_defaults(func=cmd_docs)
     return parser
