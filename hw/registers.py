@@ -77,11 +77,24 @@ class Access(enum.Enum):
 class ErrorCause(enum.IntEnum):
     """Values of ``STATUS.error_cause`` (reported by the core; 0 while ``error`` is low)."""
 
-    NONE = 0  #: no error
-    BUS_READ = 1  #: a DMA or instruction fetch read got SLVERR/DECERR
-    BUS_WRITE = 2  #: a DMA write got SLVERR/DECERR
-    ILLEGAL_INSTRUCTION = 3  #: unknown opcode or an operand out of range
-    WATCHDOG = 4  #: the program ran longer than ``WATCHDOG`` cycles
+    NONE = 0
+    BUS_READ = 1
+    BUS_WRITE = 2
+    ILLEGAL_INSTRUCTION = 3
+    WATCHDOG = 4
+    NO_HALT = 5
+
+
+#: What each error cause means (the register documentation is generated from this).
+ERROR_CAUSE_DOCS = {
+    ErrorCause.NONE: "no error",
+    ErrorCause.BUS_READ: "a DMA or instruction-fetch read got SLVERR/DECERR",
+    ErrorCause.BUS_WRITE: "a DMA write got SLVERR/DECERR",
+    ErrorCause.ILLEGAL_INSTRUCTION: "an instruction word that does not decode (unknown opcode, reserved bits set, "
+                                    "a queue waiting for or signalling itself)",
+    ErrorCause.WATCHDOG: "the program ran longer than `WATCHDOG` cycles and was stopped",
+    ErrorCause.NO_HALT: "the program's `PROGRAM_COUNT` instructions ended without `halt`",
+}
 
 
 @dataclass(frozen=True)
@@ -124,12 +137,13 @@ class Register:
 
 #: Performance counters: (member of the ``counters`` input, register base name, description).
 COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("cycles", "CYCLES", "clock cycles since reset"),
+    ("cycles", "CYCLES", "clock cycles a program was running (since the last reset)"),
     ("array_busy", "ARRAY_BUSY", "cycles the systolic array accepted a row"),
-    ("stall_load", "STALL_LOAD", "cycles the load queue waited for the DMA or the bus"),
-    ("stall_store", "STALL_STORE", "cycles the store queue waited for the DMA or the bus"),
-    ("stall_token", "STALL_TOKEN", "cycles some queue waited for a dependency token"),
-    ("stall_fetch", "STALL_FETCH", "cycles the dispatcher waited for instruction fetch"),
+    ("stall_load", "STALL_LOAD", "array idle: the matmul queue waited for a load token (operands not in yet)"),
+    ("stall_store", "STALL_STORE", "array idle: the matmul queue waited for a vector or store token "
+     "(accumulator slot not drained)"),
+    ("stall_token", "STALL_TOKEN", "array idle: the matmul queue waited for room in a token counter"),
+    ("stall_fetch", "STALL_FETCH", "array idle: the matmul queue was empty and dispatch waited for instruction fetch"),
     ("bytes_read", "BYTES_READ", "bytes read from device memory by the DMA"),
     ("bytes_written", "BYTES_WRITTEN", "bytes written to device memory by the DMA"),
     ("instructions", "INSTRUCTIONS", "instructions dispatched"),
@@ -433,13 +447,7 @@ def render_markdown() -> str:
         out.append("")
     out += ["## Error causes (`STATUS.error_cause`)", "", "| Value | Name | Meaning |", "|---|---|---|"]
     for cause in ErrorCause:
-        doc = {
-            ErrorCause.NONE: "no error",
-            ErrorCause.BUS_READ: "a DMA or instruction-fetch read got SLVERR/DECERR",
-            ErrorCause.BUS_WRITE: "a DMA write got SLVERR/DECERR",
-            ErrorCause.ILLEGAL_INSTRUCTION: "unknown opcode or an operand out of range",
-            ErrorCause.WATCHDOG: "the program ran longer than `WATCHDOG` cycles",
-        }[cause]
+        doc = ERROR_CAUSE_DOCS[cause]
         out.append(f"| {int(cause)} | `{cause.name}` | {doc} |")
     out.append("")
     return "\n".join(out)
