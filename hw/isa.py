@@ -49,6 +49,9 @@ __all__ = [
     "render_markdown",
     "REQUANT_MULT_BITS",
     "REQUANT_SHIFT_BITS",
+    "VBIN_FUNCS",
+    "VMAP_FUNCS",
+    "VROW_FUNCS",
 ]
 
 INSTR_BITS = 128
@@ -91,6 +94,7 @@ class Kind(enum.Enum):
     BOOL = "bool"  # 0 or 1
     MEM = "mem"  # sp | acc
     QUEUE = "queue"  # load | matmul | vector | store
+    FUNC = "func"  # a name from the field's choices (or its number)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Field:
     bits: int
     kind: Kind
     doc: str
+    choices: tuple[str, ...] = ()  # Kind.FUNC: name of each value; values past the list are reserved
 
     @property
     def max(self) -> int:
@@ -153,6 +158,20 @@ class Opcode(enum.IntEnum):
     PRELOAD = 0x20
     MATMUL = 0x21
     REQUANT = 0x30
+    VBIN = 0x31
+    VMAP = 0x32
+    VROW = 0x33
+
+
+#: ``func`` values of the vector operations (index = encoding). Values past each list are
+#: reserved: the bit-exact model refuses them and the hardware treats them as illegal.
+VBIN_FUNCS = ("add", "mul", "rope")
+VMAP_FUNCS = ("scale", "gelu", "silu")
+VROW_FUNCS = ("max", "sum", "softmax", "layernorm", "rmsnorm")
+
+
+def _mem_field(name: str, doc: str) -> Field:
+    return Field(name, 1, Kind.MEM, doc)
 
 
 _SPECS = (
@@ -235,6 +254,80 @@ _SPECS = (
         "sp[dst + r][j] = y for j < array.cols; the row's other elements become 0. "
         "Scale-word bits [31:22] must be 0. See docs/numerics.md.",
     ),
+    OpSpec(
+        Opcode.VBIN, "vbin", Queue.VECTOR,
+        (
+            Field("func", 2, Kind.FUNC, "`add`, `mul` or `rope` (3 is reserved)", VBIN_FUNCS),
+            _mem_field("a_mem", "memory of operand a"),
+            Field("a", 20, Kind.ADDR, "first row of operand a"),
+            _mem_field("b_mem", "memory of operand b (rope: the cos/sin table)"),
+            Field("b", 20, Kind.ADDR, "first row of operand b"),
+            _mem_field("dst_mem", "memory of the result: `sp` saturates to int8, `acc` to int32"),
+            Field("dst", 20, Kind.ADDR, "first row written"),
+            Field("param", 20, Kind.ADDR, "accumulator row holding the parameter words"),
+            Field("rows", 16, Kind.UINT, "rows processed (0 does nothing)"),
+        ),
+        "Element-wise binary operation with requantization: residual add, gating multiply, rotary embedding.",
+        "For r < rows and each element j < n of row r (n: the narrowest row width among a, b and dst; "
+        "`sp` rows are int8, `acc` rows int32): with parameter words P (P[i] = acc[param + i // array.cols]"
+        "[i % array.cols]) packed as REQUANT scale words (M = bits 15..0, s = bits 21..16), "
+        "`add`: y = rhe(a*Ma*2^(s-sa) + b*Mb*2^(s-sb), s) with (Ma, sa) from P[0], (Mb, sb) from P[1], "
+        "s = max(sa, sb), |sa - sb| <= 15; "
+        "`mul`: y = rhe(a*b*M, s) from P[0], at most one operand in `acc`; "
+        "`rope`: pairs (2i, 2i+1), with c = b[2i], s' = b[2i+1]: y[2i] = rhe((a[2i]*c - a[2i+1]*s')*M, s), "
+        "y[2i+1] = rhe((a[2i]*s' + a[2i+1]*c)*M, s), at most one operand in `acc`. "
+        "rhe = exact round half to even of x / 2^s. y saturates to the type of dst; `sp` rows' elements "
+        "from n on become 0. dst must equal or not overlap each operand in the same memory. "
+        "See docs/numerics.md.",
+    ),
+    OpSpec(
+        Opcode.VMAP, "vmap", Queue.VECTOR,
+        (
+            Field("func", 2, Kind.FUNC, "`scale`, `gelu` or `silu` (3 is reserved)", VMAP_FUNCS),
+            _mem_field("src_mem", "memory of the input"),
+            Field("src", 20, Kind.ADDR, "first row read"),
+            _mem_field("dst_mem", "memory of the result: `sp` saturates to int8, `acc` to int32"),
+            Field("dst", 20, Kind.ADDR, "first row written"),
+            Field("param", 20, Kind.ADDR, "accumulator row holding the parameter words"),
+            Field("rows", 16, Kind.UINT, "rows processed (0 does nothing)"),
+        ),
+        "Element-wise unary operation: type conversion/rescale, GELU, SiLU.",
+        "For r < rows and each element j < n of row r (n: the narrower of the src and dst row widths), "
+        "with parameter words P as for `vbin`: "
+        "`scale`: y = rhe(x*M, s) from P[0] (int8 <-> int32 conversion, rescaling); "
+        "`gelu`/`silu`: z = rshr(|x|*Mz, sz) from P[0], g = the coefficient-ROM quadratic at z "
+        "(Phi for gelu, sigmoid for silu; 1 - g for x < 0), y = rhe(x*g*Mo, so + 15) from P[1]. "
+        "y saturates to the type of dst; `sp` rows' elements from n on become 0. dst must equal or "
+        "not overlap src when both are in the same memory. Exact integer algorithm in docs/numerics.md.",
+    ),
+    OpSpec(
+        Opcode.VROW, "vrow", Queue.VECTOR,
+        (
+            Field("func", 3, Kind.FUNC, "`max`, `sum`, `softmax`, `layernorm` or `rmsnorm` (5..7 reserved)",
+                  VROW_FUNCS),
+            _mem_field("src_mem", "memory of the input tensor"),
+            Field("src", 20, Kind.ADDR, "first row of the input tensor (slice-major)"),
+            Field("dst", 20, Kind.ADDR, "first row of the result: accumulator for max/sum, scratchpad otherwise"),
+            Field("param", 20, Kind.ADDR, "accumulator row of the parameters (unused by max/sum)"),
+            Field("rows", 16, Kind.UINT, "logical rows M (0 does nothing)"),
+            Field("len", 16, Kind.UINT, "logical row length L, 1..65535"),
+            Field("causal", 1, Kind.BOOL, "softmax: also mask keys j > r + offset"),
+            Field("unsigned", 1, Kind.BOOL, "softmax: uint8 output (scale 1/255) instead of int8 (scale 1/127)"),
+        ),
+        "Row-wise operation over a logical [rows, len] tensor: reductions, softmax, LayerNorm, RMSNorm.",
+        "Tensors are slice-major: with E the row width of the memory (array.cols for `acc`, sp_row_elems "
+        "for `sp`), element (r, j) of a tensor at base is element j % E of row base + (j // E) * rows + r. "
+        "The input spans ceil(len/E) * rows rows from src. "
+        "`max`/`sum`: acc[dst + r][0] = max / int32-saturated sum of row r, the row's other elements 0. "
+        "`softmax` (int32 input in `acc`): P = [scale word, kv_len, offset]; key j of row r is valid "
+        "when j < kv_len and (causal = 0 or j <= r + offset), signed compares; output probabilities "
+        "(Q = 127 or 255 for 1.0) to the scratchpad tensor at dst, 0 for masked keys and for rows with "
+        "no valid key. `layernorm`/`rmsnorm`: parameter rows: row param holds the shift sh (16..40); "
+        "the next ceil(len/array.cols) rows the gains G; for layernorm the next as many the biases B; "
+        "int8 output to the scratchpad tensor at dst. Elements from len on of the last output slice "
+        "become 0. dst must equal or not overlap src when both are in the scratchpad. Exact integer "
+        "algorithms in docs/numerics.md.",
+    ),
 )
 
 OPS: dict[Opcode, OpSpec] = {Opcode(s.opcode): s for s in _SPECS}
@@ -285,7 +378,12 @@ class Instruction:
                     args[f.name] = 0
                     continue
                 raise IsaError(f"{spec.mnemonic}: field {f.name!r} is missing")
-            value = int(args[f.name])
+            value = args[f.name]
+            if f.kind is Kind.FUNC and isinstance(value, str):
+                if value.lower() not in f.choices:
+                    raise IsaError(f"{spec.mnemonic}: {f.name}={value!r} is not one of {', '.join(f.choices)}")
+                value = f.choices.index(value.lower())
+            value = int(value)
             if not 0 <= value <= f.max:
                 raise IsaError(f"{spec.mnemonic}: field {f.name}={value} does not fit {f.bits} bits")
             args[f.name] = value
@@ -379,6 +477,8 @@ def decode_program(data: bytes) -> list[Instruction]:
 
 # ---------------------------------------------------------------------- text
 def _format_value(f: Field, value: int) -> str:
+    if f.kind is Kind.FUNC and value < len(f.choices):
+        return f.choices[value]
     if f.kind is Kind.ADDR:
         return f"0x{value:x}"
     if f.kind is Kind.MEM:
@@ -394,6 +494,8 @@ def _parse_value(f: Field, text: str, where: str) -> int:
             return int(Mem[text.upper()])
         if f.kind is Kind.QUEUE:
             return int(Queue[text.upper()])
+        if f.kind is Kind.FUNC and text.lower() in f.choices:
+            return f.choices.index(text.lower())
         return int(text, 0)
     except (KeyError, ValueError):
         raise IsaError(f"{where}bad value {text!r} for field {f.name} ({f.kind.value})") from None

@@ -29,8 +29,12 @@ import numpy as np
 
 from weft.hw.bundle import Bundle, BundleError
 from weft.hw.config import AcceleratorConfig
+from weft.hw import vector_numerics as vn
 from weft.hw.isa import (
     INSTR_BYTES,
+    VBIN_FUNCS,
+    VMAP_FUNCS,
+    VROW_FUNCS,
     REQUANT_MULT_BITS,
     REQUANT_SHIFT_BITS,
     Instruction,
@@ -466,7 +470,148 @@ class GoldenMachine:
             self.sp[dst] = 0
             self.sp[dst, :cfg.array.cols] = y
             return
+        if op in (Opcode.VBIN, Opcode.VMAP, Opcode.VROW):
+            try:
+                self._vector(instr, index, q, clock, where)
+            except vn.VectorParamError as exc:
+                raise ProgramError(f"{where}: {exc}") from None
+            return
         raise ProgramError(f"{where}: opcode has no semantics in the model")  # pragma: no cover
+
+    # ------------------------------------------------------------------ vector unit
+    def _mem(self, mem: Mem) -> np.ndarray:
+        return self.sp if mem == Mem.SP else self.acc
+
+    def _width(self, mem: Mem) -> int:
+        return self.config.sp_row_elems if mem == Mem.SP else self.config.acc_row_elems
+
+    @staticmethod
+    def _bounds(mem: Mem) -> tuple[int, int]:
+        return vn.INT8 if mem == Mem.SP else vn.INT32
+
+    def _param_words(self, first: int, count: int, q: int, clock, index: int, instr: Instruction) -> np.ndarray:
+        """``count`` parameter words from accumulator rows starting at ``first`` (row-major)."""
+        cols = self.config.acc_row_elems
+        rows = self._check_rows(Mem.ACC, first, -(-count // cols), index, instr)
+        self._read_rows(Mem.ACC, rows, q, clock, index, instr)
+        return self.acc[rows].astype(np.int64).ravel()[:count]
+
+    @staticmethod
+    def _no_partial_overlap(where, dst_mem: Mem, dst: slice, operands) -> None:
+        for name, mem, rows in operands:
+            if mem == dst_mem and rows.start != dst.start and rows.start < dst.stop and dst.start < rows.stop:
+                raise ProgramError(f"{where}: dst rows {dst.start}..{dst.stop - 1} partly overlap {name} rows "
+                                   f"{rows.start}..{rows.stop - 1} (they must be the same rows or disjoint)")
+
+    def _vector(self, instr: Instruction, index: int, q: int, clock: np.ndarray, where) -> None:
+        a = instr.args
+        op = instr.opcode
+        funcs = {Opcode.VBIN: VBIN_FUNCS, Opcode.VMAP: VMAP_FUNCS, Opcode.VROW: VROW_FUNCS}[op]
+        if a["func"] >= len(funcs):
+            raise ProgramError(f"{where}: func={a['func']} is reserved (defined: {', '.join(funcs)})")
+        func = funcs[a["func"]]
+        if op == Opcode.VROW:
+            self._vector_row(func, instr, index, q, clock, where)
+            return
+        count = a["rows"]
+        dst_mem = Mem(a["dst_mem"])
+        if op == Opcode.VBIN:
+            srcs = [("a", Mem(a["a_mem"]), a["a"]), ("b", Mem(a["b_mem"]), a["b"])]
+            nwords = 2 if func == "add" else 1
+        else:
+            srcs = [("src", Mem(a["src_mem"]), a["src"])]
+            nwords = 2 if func in ("gelu", "silu") else 1
+        ranges = [(name, mem, self._check_rows(mem, first, count, index, instr)) for name, mem, first in srcs]
+        dst = self._check_rows(dst_mem, a["dst"], count, index, instr)
+        self._check_rows(Mem.ACC, a["param"], -(-nwords // self.config.acc_row_elems), index, instr)
+        self._no_partial_overlap(where, dst_mem, dst, ranges)
+        if func in ("mul", "rope") and all(mem == Mem.ACC for _, mem, _ in ranges):
+            raise ProgramError(f"{where}: {func} takes at most one operand from the accumulator")
+        n = min([self._width(mem) for _, mem, _ in ranges] + [self._width(dst_mem)])
+        if func == "rope" and n % 2:
+            raise ProgramError(f"{where}: rope needs an even row width, got {n}")
+        if count == 0:
+            return
+        words = self._param_words(a["param"], nwords, q, clock, index, instr)
+        values = []
+        for _, mem, rows in ranges:
+            self._read_rows(mem, rows, q, clock, index, instr)
+            values.append(self._mem(mem)[rows, :n].astype(np.int64))
+        out = self._bounds(dst_mem)
+        if func == "add":
+            y = vn.vec_add(values[0], values[1], words[0], words[1], out)
+        elif func == "mul":
+            y = vn.vec_mul(values[0], values[1], words[0], out)
+        elif func == "rope":
+            y = vn.vec_rope(values[0], values[1], words[0], out)
+        elif func == "scale":
+            y = vn.vec_scale(values[0], words[0], out)
+        elif func == "gelu":
+            y = vn.vec_gelu(values[0], words[0], words[1], out)
+        else:
+            y = vn.vec_silu(values[0], words[0], words[1], out)
+        self._write_rows(dst_mem, dst, q, clock, index, instr)
+        target = self._mem(dst_mem)
+        target[dst] = 0
+        target[dst, :n] = y
+
+    def _vector_row(self, func: str, instr: Instruction, index: int, q: int, clock: np.ndarray, where) -> None:
+        a = instr.args
+        cfg = self.config
+        M, L = a["rows"], a["len"]
+        if L == 0:
+            raise ProgramError(f"{where}: len must be at least 1")
+        src_mem = Mem(a["src_mem"])
+        e_src = self._width(src_mem)
+        src = self._check_rows(src_mem, a["src"], -(-L // e_src) * M, index, instr)
+        dst_mem = Mem.ACC if func in ("max", "sum") else Mem.SP
+        e_dst = 1 if dst_mem == Mem.ACC else self._width(dst_mem)
+        dst_slices = -(-L // e_dst) if dst_mem == Mem.SP else 1
+        dst = self._check_rows(dst_mem, a["dst"], dst_slices * M, index, instr)
+        cols = cfg.acc_row_elems
+        n_ch = -(-L // cols)
+        header = {"max": 0, "sum": 0, "softmax": 3, "layernorm": 1, "rmsnorm": 1}[func]
+        header_rows = -(-header // cols)
+        param_rows = header_rows + {"layernorm": 2 * n_ch, "rmsnorm": n_ch}.get(func, 0)
+        if param_rows:
+            self._check_rows(Mem.ACC, a["param"], param_rows, index, instr)
+        self._no_partial_overlap(where, dst_mem, dst, [("src", src_mem, src)])
+        if M == 0:
+            return
+        words = self._param_words(a["param"], param_rows * cols, q, clock, index, instr) if param_rows else None
+        self._read_rows(src_mem, src, q, clock, index, instr)
+        j = np.arange(L)
+        r = np.arange(M)[:, None]
+        x = self._mem(src_mem)[src.start + (j // e_src)[None, :] * M + r, (j % e_src)[None, :]].astype(np.int64)
+        if func == "max":
+            y = vn.row_max(x)
+        elif func == "sum":
+            y = vn.row_sum(x)
+        elif func == "softmax":
+            kv_len, offset = (int(np.int64(w).astype(np.int32)) for w in words[1:3])
+            valid = vn.softmax_mask(M, L, kv_len, bool(a["causal"]), offset)
+            y = vn.softmax_rows(x, words[0], valid, unsigned=bool(a["unsigned"]))
+        else:
+            shift = int(np.int64(words[0]).astype(np.int32))
+            if shift < vn.NORM_SHIFT_MIN or shift > vn.NORM_SHIFT_MAX:
+                raise ProgramError(f"{where}: norm shift {shift} (accumulator row {a['param']}) is outside "
+                                   f"{vn.NORM_SHIFT_MIN}..{vn.NORM_SHIFT_MAX}")
+            base = header_rows * cols
+            gain = words[base:base + L]
+            if func == "layernorm":
+                bias = words[base + n_ch * cols:base + n_ch * cols + L]
+                y = vn.layernorm_rows(x, shift, gain, bias)
+            else:
+                y = vn.rmsnorm_rows(x, shift, gain)
+        self._write_rows(dst_mem, dst, q, clock, index, instr)
+        target = self._mem(dst_mem)
+        target[dst] = 0
+        if dst_mem == Mem.ACC:
+            target[dst, 0] = y
+        else:
+            if func == "softmax" and a["unsigned"]:
+                y = y.astype(np.uint8).view(np.int8)  # the scratchpad holds the uint8 bit pattern
+            target[dst.start + (j // e_dst)[None, :] * M + r, (j % e_dst)[None, :]] = y
 
 
 class _Where:

@@ -201,6 +201,8 @@ def cmd_bench(args) -> int:
     from weft.sim.bench import bench_golden, describe_host, format_table
 
     config = _load_config(args.config)
+    if args.what == "numerics":
+        return _bench_numerics(config)
     shapes = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1536, 384)]
     print(f"bit-exact model on configuration {config.name!r}; host: {describe_host()}")
     results = bench_golden(config, shapes)
@@ -208,6 +210,17 @@ def cmd_bench(args) -> int:
              f"{r['instr_per_s']:.0f}", f"{r['gmac_per_s']:.2f}", "yes" if r["exact"] else "NO"] for r in results]
     print(format_table(["GEMM MxNxK", "instr", "build ms", "run s", "instr/s", "GMAC/s", "exact"], rows))
     return EXIT_OK if all(r["exact"] for r in results) else EXIT_FAILED
+
+
+def _bench_numerics(config) -> int:
+    from weft.sim.bench import bench_numerics, describe_host, format_table
+
+    rows, note = bench_numerics(cols=config.acc_row_elems)
+    print(f"vector-unit integer numerics vs float32 PyTorch ({note}); host: {describe_host()}")
+    table = [[r["op"], r["data"], f"{r['max_abs']:.2e}", f"{r['mean_abs']:.2e}", f"{r['rel_l2'] * 100:.3f}%",
+              f"{r['lsb']:.2f}", r["target"], {True: "yes", False: "NO", None: ""}[r["ok"]]] for r in rows]
+    print(format_table(["operation", "data", "max abs", "mean abs", "rel L2", "max LSB", "target", "met"], table))
+    return EXIT_FAILED if any(r["ok"] is False for r in rows) else EXIT_OK
 
 
 def cmd_docs(args) -> int:
@@ -276,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden"], help="golden: bit-exact model speed on GEMM bundles")
+    bench.add_argument("what", choices=["golden", "numerics"],
+                       help="golden: bit-exact model speed on GEMM bundles; numerics: vector-unit accuracy")
     bench.add_argument("--config", default="default")
     bench.set_defaults(func=cmd_bench)
 

@@ -119,7 +119,7 @@ def test_requant_layout_by_hand():
 
 
 # ---------------------------------------------------------------------- decode errors
-@pytest.mark.parametrize("opcode", [0x00, 0x04, 0x0F, 0x12, 0x22, 0x31, 0xFF])
+@pytest.mark.parametrize("opcode", [0x00, 0x04, 0x0F, 0x12, 0x22, 0x3F, 0xFF])
 def test_decode_rejects_illegal_opcodes(opcode):
     with pytest.raises(IsaError, match=f"illegal opcode 0x{opcode:02x}"):
         Instruction.decode(bytes([opcode]) + bytes(15))
