@@ -39,7 +39,7 @@ __all__ = [
     "VectorParamError",
     "INT8", "UINT8", "INT32",
     "rshr", "rshift_half_even", "saturate", "bit_length", "isqrt",
-    "pack_scale_word", "unpack_scale_word", "fixed_point",
+    "pack_scale_word", "unpack_scale_word", "fixed_point", "fixed_point_scale", "requantize",
     "PQTable", "EXP2_TABLE", "GELU_TABLE", "SILU_TABLE", "pq_eval",
     "EXP_FRAC_BITS", "PQ_FRAC_BITS", "PQ_OUT_BITS", "SOFTMAX_RECIP_BITS",
     "NORM_Z_BITS", "NORM_SHIFT_MIN", "NORM_SHIFT_MAX", "ADD_ALIGN_MAX",
@@ -146,23 +146,54 @@ def unpack_scale_word(word, what: str = "scale word") -> tuple[int, int]:
     return w & ((1 << REQUANT_MULT_BITS) - 1), (w >> REQUANT_MULT_BITS) & ((1 << REQUANT_SHIFT_BITS) - 1)
 
 
-def fixed_point(real: float, *, what: str = "scale", max_shift: int = 63) -> tuple[int, int]:
-    """Nearest ``M * 2^-s`` to a non-negative real with M < 2^16 normalised into
-    [2^15, 2^16) where the shift range allows (the rule of ``compiler.quant.fixed_point_scale``)."""
-    real = float(real)
-    if not math.isfinite(real) or real < 0:
-        raise VectorParamError(f"{what} must be finite and non-negative, got {real!r}")
-    if real == 0:
-        return 0, 0
+def fixed_point_scale(scale, *, max_shift: int = (1 << REQUANT_SHIFT_BITS) - 1) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest ``multiplier * 2**-shift`` to each non-negative real ``scale``.
+
+    The multiplier is normalised into [2**15, 2**16) where the shift range allows, which
+    keeps 16 significant bits (relative error at most 2**-16). Scales too small for the
+    largest shift become the nearest representable value (0 when even that rounds away).
+    """
+    scale = np.atleast_1d(np.asarray(scale, dtype=np.float64))
+    if np.any(~np.isfinite(scale)) or np.any(scale < 0):
+        raise VectorParamError("scales must be finite and non-negative")
     top = 1 << REQUANT_MULT_BITS
-    shift = min(max(REQUANT_MULT_BITS - 1 - math.floor(math.log2(real)), 0), max_shift)
-    mult = round(real * 2.0 ** shift)
-    if mult >= top and shift > 0:
-        shift -= 1
-        mult = round(real * 2.0 ** shift)
-    if mult >= top:
-        raise VectorParamError(f"{what} {real!r} is too large for a 16-bit multiplier (limit {top - 1})")
-    return int(mult), int(shift)
+    with np.errstate(divide="ignore"):
+        exponent = np.where(scale > 0, np.floor(np.log2(np.where(scale > 0, scale, 1.0))), 0).astype(np.int64)
+    # scale = f * 2**exponent with f in [1, 2): multiplier = f * 2**15, shift = 15 - exponent.
+    shift = np.clip(REQUANT_MULT_BITS - 1 - exponent, 0, max_shift)
+    multiplier = np.rint(scale * np.exp2(shift)).astype(np.int64)
+    overflow = multiplier >= top  # rounding carried into bit 16: drop one bit of shift
+    shift = np.where(overflow & (shift > 0), shift - 1, shift)
+    multiplier = np.where(overflow, np.rint(scale * np.exp2(shift)), multiplier).astype(np.int64)
+    if np.any(multiplier >= top):
+        raise VectorParamError(f"scale {scale.max()} is too large for a 16-bit multiplier (limit {top - 1})")
+    return multiplier, shift
+
+
+def fixed_point(real: float, *, what: str = "scale", max_shift: int = 63) -> tuple[int, int]:
+    """:func:`fixed_point_scale` for one real, as Python ints; errors name ``what``."""
+    try:
+        m, s = fixed_point_scale(float(real), max_shift=max_shift)
+    except VectorParamError as exc:
+        raise VectorParamError(f"{what}: {exc} (got {real!r})") from None
+    return int(m[0]), int(s[0])
+
+
+def requantize(x, bias, scale_word, relu: bool = False) -> np.ndarray:
+    """The REQUANT operation: bias, fixed-point scale, round half to even, saturate to int8, ReLU.
+
+    ``bias`` and ``scale_word`` broadcast along the last axis (one per output channel).
+    """
+    words = np.asarray(scale_word, dtype=np.int64) & 0xFFFFFFFF
+    if np.any(words >> (REQUANT_MULT_BITS + REQUANT_SHIFT_BITS)):
+        raise VectorParamError("requant scale word has reserved bits [31:22] set")
+    mult = words & ((1 << REQUANT_MULT_BITS) - 1)
+    shift = (words >> REQUANT_MULT_BITS) & ((1 << REQUANT_SHIFT_BITS) - 1)
+    total = np.asarray(x, dtype=np.int64) + np.asarray(bias, dtype=np.int64)  # 33 bits, no wrap
+    y = np.clip(rshift_half_even(total * mult, shift), -128, 127)
+    if relu:
+        y = np.maximum(y, 0)
+    return y.astype(np.int8)
 
 
 # ---------------------------------------------------------------------- piecewise quadratic unit

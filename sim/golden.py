@@ -35,8 +35,6 @@ from weft.hw.isa import (
     VBIN_FUNCS,
     VMAP_FUNCS,
     VROW_FUNCS,
-    REQUANT_MULT_BITS,
-    REQUANT_SHIFT_BITS,
     Instruction,
     IsaError,
     Mem,
@@ -54,14 +52,12 @@ __all__ = [
     "UninitializedReadError",
     "RunStats",
     "GoldenMachine",
-    "round_shift_half_even",
     "requantize",
     "pack_scale_word",
     "run_bundle",
 ]
 
 NUM_QUEUES = len(Queue)
-INT8_MIN, INT8_MAX = -128, 127
 
 
 class GoldenError(RuntimeError):
@@ -85,48 +81,10 @@ class UninitializedReadError(GoldenError):
 
 
 # ---------------------------------------------------------------------- numerics
-def round_shift_half_even(value: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
-    """``value / 2**shift`` rounded to the nearest integer, ties to even, exactly.
-
-    ``value`` must be int64 with magnitude below 2**61 (products in the requantizer are
-    below 2**50). Shifts of 62 or more give the same result as 62 (zero for such values).
-    """
-    value = np.asarray(value, dtype=np.int64)
-    shift = np.minimum(np.asarray(shift, dtype=np.int64), 62)
-    quotient = value >> shift  # floor division by 2**shift
-    remainder = value - (quotient << shift)
-    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 0)
-    round_up = (shift > 0) & ((remainder > half) | ((remainder == half) & (quotient & 1 == 1)))
-    return quotient + round_up
-
-
-def requantize(x: np.ndarray, bias: np.ndarray, scale_word: np.ndarray, relu: bool = False) -> np.ndarray:
-    """The REQUANT operation on int32 rows: bias, fixed-point scale, round, saturate, ReLU.
-
-    ``bias`` and ``scale_word`` broadcast along the last axis (one per output channel).
-    Returns int8.
-    """
-    words = np.asarray(scale_word, dtype=np.int64) & 0xFFFFFFFF
-    if np.any(words >> (REQUANT_MULT_BITS + REQUANT_SHIFT_BITS)):
-        raise ProgramError("requant scale word has reserved bits [31:22] set")
-    mult = words & ((1 << REQUANT_MULT_BITS) - 1)
-    shift = (words >> REQUANT_MULT_BITS) & ((1 << REQUANT_SHIFT_BITS) - 1)
-    total = np.asarray(x, dtype=np.int64) + np.asarray(bias, dtype=np.int64)  # 33 bits, no wrap
-    y = np.clip(round_shift_half_even(total * mult, shift), INT8_MIN, INT8_MAX)
-    if relu:
-        y = np.maximum(y, 0)
-    return y.astype(np.int8)
-
-
-def pack_scale_word(multiplier: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
-    """Pack per-channel (multiplier, shift) into REQUANT scale words (int32)."""
-    multiplier = np.asarray(multiplier, dtype=np.int64)
-    shift = np.asarray(shift, dtype=np.int64)
-    if np.any((multiplier < 0) | (multiplier >= 1 << REQUANT_MULT_BITS)):
-        raise ValueError(f"requant multiplier must be in [0, 2^{REQUANT_MULT_BITS})")
-    if np.any((shift < 0) | (shift >= 1 << REQUANT_SHIFT_BITS)):
-        raise ValueError(f"requant shift must be in [0, 2^{REQUANT_SHIFT_BITS})")
-    return (multiplier | (shift << REQUANT_MULT_BITS)).astype(np.int32)
+# The integer primitives live in weft.hw.vector_numerics (shared with the compiler and the
+# RTL tests); these names are part of this model's public API.
+pack_scale_word = vn.pack_scale_word
+requantize = vn.requantize
 
 
 def _wrap_int32(value: np.ndarray) -> np.ndarray:
@@ -464,7 +422,7 @@ class GoldenMachine:
             self._read_rows(Mem.ACC, src, q, clock, index, instr)
             try:
                 y = requantize(self.acc[src], self.acc[params.start], self.acc[params.start + 1], bool(a["relu"]))
-            except ProgramError as exc:
+            except vn.VectorParamError as exc:
                 raise ProgramError(f"{where}: {exc} (accumulator row {params.start + 1})") from None
             self._write_rows(Mem.SP, dst, q, clock, index, instr)
             self.sp[dst] = 0

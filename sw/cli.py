@@ -135,7 +135,7 @@ def cmd_run(args) -> int:
 
 def cmd_gemm(args) -> int:
     from weft.compiler.gemm import build_gemm_bundle
-    from weft.compiler.quant import fixed_point_scale
+    from weft.hw.vector_numerics import fixed_point_scale
     from weft.sim.golden import pack_scale_word
 
     config = _load_config(args.config)
@@ -159,7 +159,7 @@ def cmd_gemm(args) -> int:
 
 def cmd_demo(args) -> int:
     from weft.compiler.gemm import build_gemm_bundle, plan_gemm
-    from weft.compiler.quant import fixed_point_scale
+    from weft.hw.vector_numerics import fixed_point_scale
     from weft.hw.bundle import Bundle
     from weft.sim.golden import pack_scale_word, requantize, run_bundle
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from weft.compiler.gemm import build_gemm_bundle
-from weft.compiler.quant import fixed_point_scale
+from weft.hw.vector_numerics import fixed_point_scale
 from weft.hw.bundle import Bundle
 from weft.hw.config import load_config
 from weft.hw.core import Core

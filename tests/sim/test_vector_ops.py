@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from weft.compiler.quant import fixed_point_scale
+from weft.hw.vector_numerics import fixed_point_scale
 from weft.hw import vector_numerics as vn
 from weft.hw.config import AcceleratorConfig, load_config
 from weft.hw.isa import Instruction, IsaError, Opcode, assemble, disassemble

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.compiler.quant import fixed_point_scale
+from weft.hw.vector_numerics import fixed_point_scale
 
 BOUND = Fraction(1, 1 << 16)
 
