@@ -10,10 +10,10 @@ is de-skewed, so callers see whole, aligned rows:
 
 Timing of :class:`SystolicArray` (cycle 0: the cycle ``inp.valid`` is high):
 
-* **latency** ``R + C`` cycles: the result row appears on ``out`` (``out.valid`` high) in
-  cycle ``R + C``; available as :attr:`SystolicArray.latency`;
+* **latency** ``R + C + 1`` cycles: the result row appears on ``out`` (``out.valid`` high)
+  in cycle ``R + C + 1``; available as :attr:`SystolicArray.latency`;
 * **throughput** one row per cycle, with no stalls and no backpressure: any pattern of
-  ``inp.valid`` (back-to-back or with bubbles) comes out in the same pattern ``R + C``
+  ``inp.valid`` (back-to-back or with bubbles) comes out in the same pattern ``R + C + 1``
   cycles later. The array is a pure pipeline; the caller must accept every output row;
 * each PE registers its product before the wide add (multiply and accumulate never share a
   cycle), and partial sums are only ``16 + bit_length(R)`` bits wide (exact for any
@@ -76,10 +76,11 @@ class ProcessingElement(wiring.Component):
     the PE above), ``psum_out`` (to the PE below), ``w_we`` (one write enable per bank),
     ``w_data``.
 
-    Timing: ``a_in`` in cycle c is multiplied by the selected weight and the product
-    registered; in cycle c+1 it is added to ``psum_in`` and the sum registered, so
-    ``psum_out`` in cycle c+2 = ``psum_in`` (cycle c+1) + a_in (c) * W. ``a_out`` (c+1) =
-    ``a_in`` (c). A weight written in cycle c is used from cycle c+1. One element per cycle.
+    Timing: ``a_in`` and the weight it selects are registered in cycle c, multiplied and
+    the product registered in cycle c+1, added to ``psum_in`` and the sum registered in
+    cycle c+2, so ``psum_out`` in cycle c+3 = ``psum_in`` (cycle c+2) + a_in (c) * W.
+    ``a_out`` (c+1) = ``a_in`` (c). A weight written in cycle c is used from cycle c+1.
+    One element per cycle.
     """
 
     def __init__(self, psum_bits: int = 32):
@@ -103,13 +104,20 @@ class ProcessingElement(wiring.Component):
             m.d.sync += w0.eq(self.w_data)
         with m.If(self.w_we[1]):
             m.d.sync += w1.eq(self.w_data)
+        # Three stages, so no cycle holds more than one of: the weight-bank select, the
+        # multiply, the wide add (the select feeding the multiplier directly capped an
+        # 8x8 array at 92 MHz on an ECP5).
+        a_reg = Signal(INT8)
+        w_reg = Signal(INT8)
         prod = Signal(signed(16))
         m.d.sync += [
-            prod.eq(self.a_in * Mux(self.sel_in, w1, w0)),
+            a_reg.eq(self.a_in),
+            w_reg.eq(Mux(self.sel_in, w1, w0)),
+            prod.eq(a_reg * w_reg),
             self.psum_out.eq(self.psum_in + prod),
-            self.a_out.eq(self.a_in),
             self.sel_out.eq(self.sel_in),
         ]
+        m.d.comb += self.a_out.eq(a_reg)
         return m
 
 
@@ -156,7 +164,7 @@ class SystolicArray(wiring.Component):
     Ports (see the module docstring for the full protocol):
 
     * ``inp`` (in): ``valid``, ``data`` (R x int8), ``k``, [``tag``];
-    * ``out`` (out): ``valid``, ``data`` (C x int32), [``tag``]; ``latency`` = R + C cycles
+    * ``out`` (out): ``valid``, ``data`` (C x int32), [``tag``]; ``latency`` = R + C + 1 cycles
       after ``inp``, one row per cycle;
     * ``load`` (in): ``valid``, ``ready`` (out), ``row``, ``k``, ``n``, ``data`` (C x int8);
     * ``swap`` (in): make the loaded shadow weights active from this cycle's input row on;
@@ -169,7 +177,7 @@ class SystolicArray(wiring.Component):
         self.tag_bits = _check_dim("tag_bits", tag_bits, 0, 64)
         self.psum_bits = psum_width(rows)
         #: Cycles from a row on ``inp`` to its result on ``out``.
-        self.latency = rows + cols
+        self.latency = rows + cols + 1
         #: Cycles after a swap before the shadow bank may be written again.
         self.drain = rows + cols
         super().__init__({
@@ -241,7 +249,7 @@ class SystolicArray(wiring.Component):
                 ]
 
         # ------------------------------------------------------------ de-skew
-        # Column j's sum leaves the bottom row in cycle R + j + 1; delay it C - 1 - j more.
+        # Column j's sum leaves the bottom row in cycle R + j + 2; delay it C - 1 - j more.
         for j in range(C):
             v = pes[R - 1][j].psum_out
             for d in range(C - 1 - j):

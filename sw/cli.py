@@ -203,13 +203,35 @@ def cmd_bench(args) -> int:
     config = _load_config(args.config)
     if args.what == "numerics":
         return _bench_numerics(config)
-    shapes = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1536, 384)]
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else GEMM_BENCH_SHAPES
+    if args.what == "gemm":
+        return _bench_gemm(config, shapes)
     print(f"bit-exact model on configuration {config.name!r}; host: {describe_host()}")
     results = bench_golden(config, shapes)
     rows = [[r["shape"], r["instructions"], f"{r['build_s'] * 1e3:.0f}", f"{r['run_s']:.2f}",
              f"{r['instr_per_s']:.0f}", f"{r['gmac_per_s']:.2f}", "yes" if r["exact"] else "NO"] for r in results]
     print(format_table(["GEMM MxNxK", "instr", "build ms", "run s", "instr/s", "GMAC/s", "exact"], rows))
     return EXIT_OK if all(r["exact"] for r in results) else EXIT_FAILED
+
+
+#: The GEMMs issue #3's utilization targets are stated for.
+GEMM_BENCH_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1536, 384)]
+
+
+def _bench_gemm(config, shapes) -> int:
+    from weft.sim.bench import bench_gemm_rtl, describe_host, format_table
+
+    print(f"int8 GEMM bundles on the RTL core ({config.name}: {config.array.rows}x{config.array.cols} array, "
+          f"{config.bus.data_bits}-bit bus), Verilator + cocotb AXI memory; host: {describe_host()}")
+    result = bench_gemm_rtl(config, shapes)
+    table = [[r["shape"], r["cycles"], f"{r['ideal']:.0f}", f"{r['utilization'] * 100:.1f}%", r["array_busy"],
+              r["stall_load"], r["stall_store"], r["stall_token"], r["stall_fetch"]] for r in result["rows"]]
+    print(format_table(["GEMM MxNxK", "cycles", "ideal", "utilization", "array busy", "stall load", "stall store",
+                        "stall token", "stall fetch"], table))
+    print(f"every output equals the bit-exact model's; simulation speed {result['cycles_per_s']:.0f} cycles/s "
+          f"({result['run_s']:.0f} s simulated, build {'fresh' if result['built'] else 'cached'} {result['build_s']:.0f} s); "
+          f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter")
+    return EXIT_OK
 
 
 def _bench_numerics(config) -> int:
@@ -221,6 +243,49 @@ def _bench_numerics(config) -> int:
               f"{r['lsb']:.2f}", r["target"], {True: "yes", False: "NO", None: ""}[r["ok"]]] for r in rows]
     print(format_table(["operation", "data", "max abs", "mean abs", "rel L2", "max LSB", "target", "met"], table))
     return EXIT_FAILED if any(r["ok"] is False for r in rows) else EXIT_OK
+
+
+def cmd_gen(args) -> int:
+    from weft.hw.core import Core
+    from weft.sim.rtl import to_verilog
+
+    config = _load_config(args.config)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    name = f"weft_core_{config.name}"
+    (out / f"{name}.v").write_text(to_verilog(Core(config), name))
+    (out / f"{name}.yaml").write_text(config.to_yaml())
+    print(f"{out / (name + '.v')}: core for {config.name!r} (hash {config.hash[:16]}) in {time.perf_counter() - start:.1f} s")
+    print(f"{out / (name + '.yaml')}: the configuration it was generated from")
+    return EXIT_OK
+
+
+def cmd_synth(args) -> int:
+    from weft.boards.synth import SynthError, synthesize
+
+    config = _load_config(args.config)
+    if args.top == "core":
+        from weft.hw.core import Core
+
+        component = Core(config)
+    else:
+        from weft.hw.array import SystolicArray
+
+        component = SystolicArray.from_config(config)
+    part = args.part or config.target.part or "LFE5U-85F"
+    mhz = args.mhz or config.clock_mhz
+    workdir = Path(args.output) if args.output else Path(".cache") / "synth" / f"{config.name}-{args.top}"
+    print(f"synthesizing {args.top} of {config.name!r} for {part} at {mhz:g} MHz in {workdir} "
+          f"(WebAssembly tools: expect minutes)")
+    try:
+        report = synthesize(component, name=f"weft_{args.top}", part=part, target_mhz=mhz, workdir=workdir,
+                            place=not args.no_place, progress=lambda line: print(f"  {line}", flush=True))
+    except SynthError as exc:
+        print(f"weft: synthesis failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(report.format())
+    return EXIT_OK
 
 
 def cmd_docs(args) -> int:
@@ -289,10 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden", "numerics"],
-                       help="golden: bit-exact model speed on GEMM bundles; numerics: vector-unit accuracy")
+    bench.add_argument("what", choices=["golden", "gemm", "numerics"],
+                       help="golden: bit-exact model speed on GEMM bundles; gemm: array utilization on the RTL "
+                            "from its counters; numerics: vector-unit accuracy")
     bench.add_argument("--config", default="default")
+    bench.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes (default: 128^3, 256^3, 512^3, 128x1536x384)")
     bench.set_defaults(func=cmd_bench)
+
+    gen = sub.add_parser("gen", help="write the core's Verilog and the configuration it came from")
+    gen.add_argument("--config", default="default")
+    gen.add_argument("-o", "--output", required=True, metavar="DIR")
+    gen.set_defaults(func=cmd_gen)
+
+    synth = sub.add_parser("synth", help="synthesize and place the core with the open FPGA flow; print resources and Fmax")
+    synth.add_argument("--config", default="ulx3s")
+    synth.add_argument("--top", choices=["core", "array"], default="core", help="what to build (default: the core)")
+    synth.add_argument("--part", help="FPGA part (default: the configuration's target.part, else LFE5U-85F)")
+    synth.add_argument("--mhz", type=float, help="clock target (default: the configuration's clock_mhz)")
+    synth.add_argument("-o", "--output", metavar="DIR", help="work folder (default: .cache/synth/CONFIG-TOP)")
+    synth.add_argument("--no-place", action="store_true", help="synthesis only (no place and route)")
+    synth.set_defaults(func=cmd_synth)
 
     docs = sub.add_parser("docs", help="generate reference documentation")
     docs.add_argument("what", choices=["isa", "registers"])
