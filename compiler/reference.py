@@ -1,0 +1,361 @@
+"""Reference executor of the IR (:mod:`weft.compiler.ir`), in two modes.
+
+* :func:`run_float`: every op in float (float32 storage, float64 inside reductions), the
+  meaning of the graph; matches onnxruntime on the original ONNX model within 1e-4.
+* :func:`run_int8`: what the accelerator will compute for a
+  :class:`~weft.compiler.quantize.QuantizedGraph`. The array's work is emulated exactly:
+  int8 x int8 -> int32 GEMMs, bias added in int32 and requantized with the hardware's
+  REQUANT (:func:`weft.sim.golden.requantize`: fixed-point multiplier and shift, round half
+  to even, saturate), so a compiled program must reproduce these integers bit for bit.
+
+  **Placeholder:** the vector-unit ops (Softmax inside Attention, LayerNorm, Gelu, residual
+  Add, elementwise Mul/Div/Sub) are not yet integer: their integer algorithms are being
+  defined separately. Until then each dequantizes its int8 inputs, computes in float and
+  quantizes its output to the calibrated int8 scale (round half to even). Each such op is one
+  entry of :data:`INT8_OPS`; replacing that one function with the integer algorithm is all
+  the swap takes (see :func:`register_int8_op`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from weft.sim.golden import requantize
+
+from .ir import Graph, Node
+
+__all__ = ["ExecutionError", "FLOAT_OPS", "INT8_OPS", "QTensor", "AccTensor", "run_float", "run_int8",
+           "register_int8_op", "quantize_tensor", "float_kernel"]
+
+
+class ExecutionError(RuntimeError):
+    """The executor cannot run a graph (missing input, wrong shape, unknown op)."""
+
+
+# ====================================================================== float kernels
+def _gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    else:
+        y = 0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))
+    return y.astype(x.dtype)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    try:
+        from scipy.special import erf  # type: ignore
+        return erf(x)
+    except ImportError:
+        import torch
+        return torch.erf(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))).numpy()
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    m = np.max(x64, axis=axis, keepdims=True)
+    e = np.exp(x64 - m)
+    return (e / np.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None, axis: int, eps: float) -> np.ndarray:
+    axis = axis % x.ndim
+    axes = tuple(range(axis, x.ndim))
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x64 - mean) / np.sqrt(var + eps) * gamma
+    if beta is not None:
+        y = y + beta
+    return y.astype(x.dtype)
+
+
+def _attention(q, k, v, mask, num_heads: int, scale: float) -> np.ndarray:
+    B, S, D = q.shape
+    Skv = k.shape[1]
+    dh = D // num_heads
+    qh = q.reshape(B, S, num_heads, dh).transpose(0, 2, 1, 3).astype(np.float64)
+    kh = k.reshape(B, Skv, num_heads, dh).transpose(0, 2, 1, 3).astype(np.float64)
+    vh = v.reshape(B, Skv, num_heads, v.shape[2] // num_heads).transpose(0, 2, 1, 3).astype(np.float64)
+    scores = qh @ kh.transpose(0, 1, 3, 2) * scale
+    if mask is not None:
+        scores = scores + mask.astype(np.float64)
+    probs = _softmax(scores, -1)
+    ctx = probs @ vh
+    return ctx.transpose(0, 2, 1, 3).reshape(B, S, -1).astype(q.dtype)
+
+
+def _fake_quant(x, scale, zero_point, qmin, qmax):
+    q = np.clip(np.rint(x.astype(np.float64) / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).astype(x.dtype)
+
+
+def _linear(x, w, b=None):
+    y = np.matmul(x.astype(np.float64), w.astype(np.float64))
+    if b is not None:
+        y = y + b
+    return y.astype(np.result_type(x.dtype, w.dtype))
+
+
+def _matmul(a, b):
+    if np.issubdtype(a.dtype, np.floating):
+        return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.result_type(a.dtype, b.dtype))
+    return np.matmul(a, b)
+
+
+def _binary(fn):
+    def run(node, a, b):
+        out = fn(a, b)
+        return np.asarray(out).astype(np.result_type(a.dtype, b.dtype), copy=False)
+    return run
+
+
+def _div(a, b):
+    if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
+        return np.trunc(a / b).astype(np.result_type(a.dtype, b.dtype))  # ONNX: truncate toward zero
+    return a / b
+
+
+FloatKernel = Callable[..., np.ndarray]
+
+FLOAT_OPS: dict[str, FloatKernel] = {
+    "Linear": lambda n, x, w, b=None: _linear(x, w, b),
+    "MatMul": lambda n, a, b: _matmul(a, b),
+    "Attention": lambda n, q, k, v, mask=None: _attention(q, k, v, mask, n.attrs["num_heads"], n.attrs["scale"]),
+    "Softmax": lambda n, x, mask=None: _softmax(x if mask is None else (x + mask).astype(x.dtype), n.attrs["axis"]),
+    "LayerNorm": lambda n, x, g, b=None: _layer_norm(x, g, b, n.attrs["axis"], n.attrs["epsilon"]),
+    "Gelu": lambda n, x: _gelu(x, n.attrs.get("approximate", "none")),
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(_div),
+    "Cast": lambda n, x: x.astype(np.dtype(n.attrs["to"])),
+    "Reshape": lambda n, x: x.reshape(n.attrs["shape"]),
+    "Transpose": lambda n, x: np.ascontiguousarray(np.transpose(x, n.attrs["perm"])),
+    "Expand": lambda n, x: np.ascontiguousarray(np.broadcast_to(x, n.attrs["shape"])),
+    "Gather": lambda n, t, i: np.take(t, i.astype(np.int64), axis=n.attrs.get("axis", 0)),
+    "FakeQuant": lambda n, x: _fake_quant(x, n.attrs["scale"], n.attrs["zero_point"], n.attrs["qmin"], n.attrs["qmax"]),
+}
+
+
+def float_kernel(node: Node, args: list[np.ndarray | None]) -> np.ndarray:
+    """Run one node's float kernel (trailing absent optional inputs dropped)."""
+    fn = FLOAT_OPS.get(node.op)
+    if fn is None:
+        raise ExecutionError(f"node {node.name}: no float kernel for op {node.op}")
+    while args and args[-1] is None:
+        args = args[:-1]
+    return fn(node, *args)
+
+
+def _feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    env: dict[str, np.ndarray] = {}
+    for v in graph.inputs:
+        if v.name not in feeds:
+            raise ExecutionError(f"missing graph input {v.name!r} (inputs: {[i.name for i in graph.inputs]})")
+        a = np.asarray(feeds[v.name])
+        if tuple(a.shape) != tuple(v.shape):
+            raise ExecutionError(f"input {v.name!r} has shape {list(a.shape)}, the graph was compiled for {list(v.shape)}")
+        env[v.name] = a.astype(v.dtype, copy=False)
+    return env
+
+
+def run_float(graph: Graph, feeds: Mapping[str, np.ndarray], *,
+              observer: Callable[[Node, str, np.ndarray], None] | None = None,
+              keep: bool = False) -> dict[str, np.ndarray]:
+    """Run ``graph`` in float. Returns the graph outputs by name (every value if ``keep``).
+
+    ``observer(node, value_name, array)`` is called for each value a node produces (the
+    quantizer's calibration hooks in here).
+    """
+    env = _feeds(graph, feeds)
+    env.update(graph.consts)
+    for node in graph.nodes:
+        out = float_kernel(node, [env[i] if i is not None else None for i in node.inputs])
+        name = node.outputs[0]
+        env[name] = out
+        if observer is not None:
+            observer(node, name, out)
+    if keep:
+        return env
+    return {o.name: env[o.name] for o in graph.outputs}
+
+
+# ====================================================================== int8 emulation
+@dataclass
+class QTensor:
+    """An int8 tensor with its per-tensor scale: real value = q * scale."""
+
+    q: np.ndarray
+    scale: float | np.ndarray  # per tensor, or per channel (last axis)
+
+    def dequant(self) -> np.ndarray:
+        return (self.q.astype(np.float64) * self.scale).astype(np.float32)
+
+
+@dataclass
+class AccTensor:
+    """int32 accumulator rows with a per-output-channel scale (last axis): real = acc * scale."""
+
+    acc: np.ndarray
+    scale: np.ndarray
+
+    def dequant(self) -> np.ndarray:
+        return (self.acc.astype(np.float64) * self.scale).astype(np.float32)
+
+
+def quantize_tensor(x: np.ndarray, scale: float) -> QTensor:
+    """Symmetric int8 quantization, round half to even, saturating to [-128, 127]."""
+    q = np.clip(np.rint(np.asarray(x, dtype=np.float64) / scale), -128, 127).astype(np.int8)
+    return QTensor(q, scale if isinstance(scale, np.ndarray) else float(scale))
+
+
+def _int_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int8 x int8 -> int32 accumulate, as the array does (checked to fit int32)."""
+    assert a.dtype == np.int8 and b.dtype == np.int8
+    # float64 BLAS is exact here: every partial sum is an integer below 2^53 (K * 2^14 < 2^53)
+    # and is far faster than numpy's integer matmul.
+    if a.shape[-1] >= 1 << 38:  # pragma: no cover
+        raise ExecutionError("reduction too long for exact float64 accumulation")
+    acc = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    if acc.size and (acc.max() > 2**31 - 1 or acc.min() < -2**31):  # pragma: no cover - K < 2^17
+        raise ExecutionError("int32 accumulator overflow")
+    return acc.astype(np.int64).astype(np.int32)
+
+
+def _as_q(x, scale: float) -> QTensor:
+    return x if isinstance(x, QTensor) else quantize_tensor(x, scale)
+
+
+def _as_float(x) -> np.ndarray | None:
+    if x is None:
+        return None
+    return x.dequant() if isinstance(x, (QTensor, AccTensor)) else x
+
+
+Int8Kernel = Callable[..., object]
+#: op -> fn(ctx, node, *inputs) -> QTensor or float array. ``ctx`` is the quantized graph.
+INT8_OPS: dict[str, Int8Kernel] = {}
+
+
+def register_int8_op(op: str):
+    """Decorator: make ``fn(qgraph, node, *inputs)`` the int8 implementation of ``op``."""
+    def deco(fn):
+        INT8_OPS[op] = fn
+        return fn
+    return deco
+
+
+@register_int8_op("Linear")
+def _int8_linear(qg, node: Node, x, w=None, b=None):
+    p = qg.linears[node.name]
+    xq = _as_q(x, p.in_scale)
+    if not np.allclose(xq.scale, p.in_scale, rtol=1e-12, atol=0):
+        raise ExecutionError(f"{node.name}: input scale differs from the planned one")
+    acc = _int_gemm(xq.q, p.weight)  # [..., K] @ [K, N] -> int32
+    if p.output == "int32":  # epilogue on the vector unit: accumulator + bias, no requant
+        total = acc.astype(np.int64) + p.bias
+        return AccTensor(total.astype(np.int32), p.acc_in_scale * p.w_scale.astype(np.float64))
+    return QTensor(requantize(acc, p.bias, p.scale_words), p.out_scale)
+
+
+@register_int8_op("MatMul")
+def _int8_matmul(qg, node: Node, a, b):
+    p = qg.matmuls[node.name]
+    aq, bq = _as_q(a, p.a_scale), _as_q(b, p.b_scale)
+    acc = _int_gemm(aq.q, bq.q)
+    return QTensor(requantize(acc, np.zeros(p.scale_words.shape, np.int64), p.scale_words), p.out_scale)
+
+
+def softmax_placeholder(scores_int32: np.ndarray, score_scale: float, mask: np.ndarray | None) -> QTensor:
+    """PLACEHOLDER for the vector unit's integer softmax: int32 scores (real value =
+    ``scores * score_scale``) plus an additive float mask -> probabilities as int8 with scale
+    1/127 (0..127). Dequantize, float softmax, quantize."""
+    s = scores_int32.astype(np.float64) * score_scale
+    if mask is not None:
+        s = s + mask
+    p = _softmax(s, -1)
+    return QTensor(np.clip(np.rint(p * 127.0), 0, 127).astype(np.int8), 1.0 / 127.0)
+
+
+@register_int8_op("Attention")
+def _int8_attention(qg, node: Node, q, k, v, mask=None):
+    """Per head: scores = q_h k_h^T (int8 GEMM, int32 out), softmax (vector unit,
+    placeholder), ctx = P v_h (int8 GEMM, requantized to the output scale)."""
+    p = qg.attentions[node.name]
+    qq, kq, vq = _as_q(q, p.q_scale), _as_q(k, p.k_scale), _as_q(v, p.v_scale)
+    H = node.attrs["num_heads"]
+    B, S, D = qq.q.shape
+    Skv = kq.q.shape[1]
+    qh = qq.q.reshape(B, S, H, D // H).transpose(0, 2, 1, 3)
+    kh = kq.q.reshape(B, Skv, H, D // H).transpose(0, 2, 1, 3)
+    vh = vq.q.reshape(B, Skv, H, vq.q.shape[2] // H).transpose(0, 2, 1, 3)
+    scores = _int_gemm(qh, kh.transpose(0, 1, 3, 2))
+    probs = qg.softmax_impl(scores, qq.scale * kq.scale * node.attrs["scale"], _as_float(mask))
+    acc = _int_gemm(probs.q, vh)
+    words = p.scale_words
+    if words.size > 1:  # per output channel c = h * dh + j
+        words = words.reshape(H, 1, -1)
+    out = requantize(acc, np.zeros(1, np.int64), words)
+    return QTensor(out.transpose(0, 2, 1, 3).reshape(B, S, -1), p.out_scale)
+
+
+def _placeholder(op: str):
+    """PLACEHOLDER vector-unit op: dequantize, float kernel, quantize to the output scale."""
+    def run(qg, node: Node, *args):
+        out = float_kernel(node, [_as_float(a) for a in args])
+        scale = qg.act_scales.get(node.outputs[0])
+        if node.outputs[0] in qg.wide:  # stays in the vector unit's wide precision
+            return out
+        if scale is None or not np.issubdtype(out.dtype, np.floating):
+            return out
+        return quantize_tensor(out, scale)
+    run.__name__ = f"placeholder_{op}"
+    return run
+
+
+for _op in ("Softmax", "LayerNorm", "Gelu", "Add", "Sub", "Mul", "Div", "FakeQuant"):
+    INT8_OPS[_op] = _placeholder(_op)
+
+
+def _layout(qg, node: Node, x):
+    if isinstance(x, QTensor):
+        return QTensor(float_kernel(node, [x.q]), x.scale)
+    return float_kernel(node, [x])
+
+
+for _op in ("Reshape", "Transpose", "Expand"):
+    INT8_OPS[_op] = _layout
+
+
+def _host(qg, node: Node, *args):
+    return float_kernel(node, [_as_float(a) for a in args])
+
+
+for _op in ("Cast", "Gather"):
+    INT8_OPS[_op] = _host
+
+
+def run_int8(qgraph, feeds: Mapping[str, np.ndarray], *, keep: bool = False) -> dict[str, np.ndarray]:
+    """Run a :class:`~weft.compiler.quantize.QuantizedGraph` in int8 emulation. Host nodes run
+    in float; device nodes use :data:`INT8_OPS`. Graph outputs come back dequantized (float32)."""
+    graph: Graph = qgraph.graph
+    env: dict[str, object] = dict(_feeds(graph, feeds))
+    env.update(graph.consts)
+    for node in graph.nodes:
+        args = [env[i] if i is not None else None for i in node.inputs]
+        if node.device == "host":
+            out = _host(qgraph, node, *args)
+        else:
+            fn = INT8_OPS.get(node.op)
+            if fn is None:
+                raise ExecutionError(f"node {node.name}: no int8 implementation for op {node.op}")
+            out = fn(qgraph, node, *args)
+        env[node.outputs[0]] = out
+    if keep:
+        return {k: _as_float(v) for k, v in env.items()}
+    return {o.name: _as_float(env[o.name]) for o in graph.outputs}
