@@ -32,13 +32,9 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from weft.sim.golden import pack_scale_word
+from weft.hw.vector_numerics import fixed_point_scale, pack_scale_word
 
 from .ir import Graph, Node
-try:  # fixed_point_scale moved from weft.compiler.quant to weft.hw.vector_numerics
-    from weft.hw.vector_numerics import fixed_point_scale
-except ImportError:  # pragma: no cover - older tree
-    from .quant import fixed_point_scale
 from .reference import run_float, softmax_placeholder
 
 __all__ = ["QuantizeError", "CALIBRATION_METHODS", "LinearParams", "MatMulParams", "AttentionParams",

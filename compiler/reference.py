@@ -5,7 +5,7 @@
 * :func:`run_int8`: what the accelerator will compute for a
   :class:`~weft.compiler.quantize.QuantizedGraph`. The array's work is emulated exactly:
   int8 x int8 -> int32 GEMMs, bias added in int32 and requantized with the hardware's
-  REQUANT (:func:`weft.sim.golden.requantize`: fixed-point multiplier and shift, round half
+  REQUANT (:func:`weft.hw.vector_numerics.requantize`: fixed-point multiplier and shift, round half
   to even, saturate), so a compiled program must reproduce these integers bit for bit.
 
   **Placeholder:** the vector-unit ops (Softmax inside Attention, LayerNorm, Gelu, residual
@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from weft.sim.golden import requantize
+from weft.hw.vector_numerics import requantize
 
 from .ir import Graph, Node
 

