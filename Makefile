@@ -48,6 +48,8 @@ demo: setup
 
 bench: setup
 	$(WEFT) bench golden
+	$(WEFT) bench gemm
+	$(WEFT) bench numerics
 
 docs: setup
 	$(WEFT) docs isa -o docs/isa.md

@@ -238,34 +238,3 @@ def bench_numerics(cols: int = 16, seed: int = 0, real: bool = True) -> tuple[li
             norm_case("layernorm", "MiniLM layer-0 FFN LayerNorm input", acts["ln"], acts["ln_gamma"], acts["ln_beta"])
     return rows, note
 
-
-def bench_gemm_rtl(config: AcceleratorConfig, shapes: list[tuple[int, int, int]], *, seed: int = 0) -> dict:
-    """Run int8 GEMM bundles on the RTL core (Verilator, cocotb memory model); every output is
-    checked against the bit-exact model. Utilization comes from the core's own counters:
-    (M*N*K / (rows*cols)) / CYCLES."""
-    from weft.compiler.gemm import build_gemm_bundle
-    from weft.hw.vector_numerics import fixed_point_scale, pack_scale_word
-    from weft.sim.core_runner import program_case, run_cases
-
-    rng = np.random.default_rng(seed)
-    cases = []
-    for M, N, K in shapes:
-        a = rng.integers(-128, 128, (M, K), dtype=np.int8)
-        b = rng.integers(-128, 128, (K, N), dtype=np.int8)
-        mult, shift = fixed_point_scale(np.full(N, 1.0 / (128 * np.sqrt(K))))
-        bundle = build_gemm_bundle(config, b, M, bias=np.zeros(N, np.int32), scale_words=pack_scale_word(mult, shift))
-        cases.append(program_case(f"{M}x{N}x{K}", bundle, {"a": a}, config, max_cycles=50_000_000))
-    report = run_cases(config, cases)
-    rows = []
-    total_cycles = 0
-    for (M, N, K), case in zip(shapes, report["cases"]):
-        c = case["counters"]
-        total_cycles += c["cycles"]
-        ideal = M * N * K / config.macs_per_cycle
-        rows.append({"shape": f"{M}x{N}x{K}", "cycles": c["cycles"], "ideal": ideal,
-                     "utilization": ideal / c["cycles"], "array_busy": c["array_busy"],
-                     "stall_load": c["stall_load"], "stall_store": c["stall_store"], "stall_token": c["stall_token"],
-                     "stall_fetch": c["stall_fetch"], "bytes_read": c["bytes_read"],
-                     "bytes_written": c["bytes_written"]})
-    return {"rows": rows, "cycles_per_s": total_cycles / report["run_s"], "run_s": report["run_s"],
-            "build_s": report["build_s"], "built": report["built"]}

@@ -200,6 +200,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from weft.sim.bench import bench_golden, describe_host, format_table
 
+    if args.what == "serve":
+        return _bench_serve(args)
     config = _load_config(args.config)
     if args.what == "numerics":
         return _bench_numerics(config)
@@ -219,18 +221,82 @@ GEMM_BENCH_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 15
 
 
 def _bench_gemm(config, shapes) -> int:
-    from weft.sim.bench import bench_gemm_rtl, describe_host, format_table
+    from weft.sim.bench import describe_host, format_table
+    from weft.sw.bench import bench_gemm
 
     print(f"int8 GEMM bundles on the RTL core ({config.name}: {config.array.rows}x{config.array.cols} array, "
-          f"{config.bus.data_bits}-bit bus), Verilator + cocotb AXI memory; host: {describe_host()}")
-    result = bench_gemm_rtl(config, shapes)
+          f"{config.bus.data_bits}-bit bus) in the Verilator twin, driven through the driver API; "
+          f"host: {describe_host()}")
+    result = bench_gemm(config, shapes, progress=lambda line: print(f"  {line}", flush=True))
     table = [[r["shape"], r["cycles"], f"{r['ideal']:.0f}", f"{r['utilization'] * 100:.1f}%", r["array_busy"],
-              r["stall_load"], r["stall_store"], r["stall_token"], r["stall_fetch"]] for r in result["rows"]]
+              r["stall_load"], r["stall_store"], r["stall_token"], r["stall_fetch"], "yes" if r["exact"] else "NO"]
+             for r in result["rows"]]
     print(format_table(["GEMM MxNxK", "cycles", "ideal", "utilization", "array busy", "stall load", "stall store",
-                        "stall token", "stall fetch"], table))
-    print(f"every output equals the bit-exact model's; simulation speed {result['cycles_per_s']:.0f} cycles/s "
-          f"({result['run_s']:.0f} s simulated, build {'fresh' if result['built'] else 'cached'} {result['build_s']:.0f} s); "
-          f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter")
+                        "stall token", "stall fetch", "exact"], table))
+    print(f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter; exact = output equals the "
+          f"bit-exact model's; Verilator model speed {result['cycles_per_s'] / 1e3:.0f} k cycles/s")
+    return EXIT_OK if all(r["exact"] for r in result["rows"]) else EXIT_FAILED
+
+
+def _bench_serve(args) -> int:
+    from weft.sim.bench import describe_host
+    from weft.sw.scheduler import bench
+
+    if args.overhead:
+        from weft.sw.server.bench import server_overhead
+
+        for ep in ("embeddings", "chat"):
+            r = server_overhead(args.requests, ep)
+            print(f"null device, {ep}: server {r['server_p50_ms']:.3f} ms p50 / {r['server_p99_ms']:.3f} ms p99; "
+                  f"client round trip over loopback {r['client_p50_ms']:.3f} ms p50 ({r['n']} sequential requests)")
+        print(f"host: {describe_host()}")
+        return EXIT_OK
+    workload = bench.Workload(embed_fraction=args.embed_fraction)
+    loads = [float(x) for x in args.loads.split(",")]
+    cap, rows = bench.sweep(loads=loads, n=args.requests, workload=workload, process=args.arrivals, cv=args.cv,
+                            seed=args.seed)
+    print(f"weft bench serve: simulated devices {', '.join(bench.DEVICES)} (known service times), virtual time; "
+          f"{args.arrivals} arrivals{f' (cv {args.cv:g})' if args.arrivals == 'gamma' else ''}, "
+          f"{args.requests} requests per run, {workload.embed_fraction:.0%} embeddings / "
+          f"{1 - workload.embed_fraction:.0%} chat; SLO TTFT {workload.slo.ttft_s * 1e3:.0f} ms, "
+          f"TPOT {workload.slo.tpot_s * 1e3:.0f} ms, embeddings {workload.slo.e2e_s * 1e3:.0f} ms; "
+          f"capacity {cap:.1f} req/s")
+    print(bench.format_table(rows))
+    for load in loads:
+        by = {r["policy"]: r for r in rows if r["load"] == load}
+        if {"slo", "round_robin"} <= set(by):
+            s, rr = by["slo"], by["round_robin"]
+            print(f"at {load:.0%}: p99 TTFT {rr['ttft_p99'] / s['ttft_p99']:.1f}x better than round-robin, "
+                  f"goodput {s['goodput'] / max(rr['goodput'], 1e-9):.2f}x")
+    if args.kill:
+        r = bench.run_load("slo", 0.8 * cap, n=args.requests, workload=workload, process=args.arrivals,
+                           cv=args.cv, seed=args.seed, kill=args.kill, kill_at=args.requests / (0.8 * cap) / 3)
+        print(f"{args.kill} killed a third of the way into an 80% run: {r['accepted']} accepted, "
+              f"{r['completed']} completed, {r['lost']} lost, {r['reroutes']} rerouted")
+    if args.plot:
+        bench.plot(rows, args.plot, f"weft bench serve ({args.arrivals}, capacity {cap:.1f} req/s)")
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from weft.sw.devices import DeviceError, ModelSet, make_devices
+    from weft.sw.server import ServerSettings, create_app, serve
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        models = ModelSet.load(names, tiny=args.tiny)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        make_devices(args.devices, ModelSet(), profile=False)  # check the spec before serving
+    except DeviceError as exc:
+        raise UsageError(str(exc)) from None
+    settings = ServerSettings(api_key=args.api_key, policy=args.policy, max_queue=args.max_queue)
+    app = create_app(lambda: make_devices(args.devices, models), settings=settings)
+    print(f"weft serve: devices {args.devices}, models {', '.join(names)}{' (tiny random)' if args.tiny else ''}, "
+          f"policy {args.policy}, http://{args.host}:{args.port}/v1")
+    serve(app, args.host, args.port)
     return EXIT_OK
 
 
@@ -354,12 +420,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden", "gemm", "numerics"],
+    bench.add_argument("what", choices=["golden", "gemm", "numerics", "serve"],
                        help="golden: bit-exact model speed on GEMM bundles; gemm: array utilization on the RTL "
-                            "from its counters; numerics: vector-unit accuracy")
+                            "from its counters; numerics: vector-unit accuracy; serve: the scheduler under load "
+                            "against round-robin and least-loaded")
     bench.add_argument("--config", default="default")
     bench.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes (default: 128^3, 256^3, 512^3, 128x1536x384)")
+    bench.add_argument("--loads", default="0.2,0.4,0.6,0.8,0.9,1.0", help="serve: offered loads, fractions of capacity")
+    bench.add_argument("--requests", type=int, default=2000, help="serve: requests per run")
+    bench.add_argument("--arrivals", choices=["poisson", "gamma"], default="poisson", help="serve: arrival process")
+    bench.add_argument("--cv", type=float, default=2.0, help="serve: gamma arrivals' coefficient of variation")
+    bench.add_argument("--embed-fraction", type=float, default=0.3, help="serve: share of embedding requests")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--kill", metavar="DEVICE", help="serve: also run 80%% load killing DEVICE mid-run")
+    bench.add_argument("--plot", metavar="PNG", help="serve: write latency/goodput vs load")
+    bench.add_argument("--overhead", action="store_true", help="serve: server overhead per request on the null device")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="serve the models over an OpenAI-compatible HTTP API")
+    serve.add_argument("--devices", default="fpga:emu,cpu", help="comma-separated: fpga:emu[@CONFIG], cpu, gpu, null")
+    serve.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
+    serve.add_argument("--tiny", action="store_true", help="small random models instead of the real weights")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--policy", choices=["slo", "round_robin", "least_loaded"], default="slo")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting per device before 429")
+    serve.add_argument("--api-key", help="require this bearer token on /v1/*")
+    serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("gen", help="write the core's Verilog and the configuration it came from")
     gen.add_argument("--config", default="default")
