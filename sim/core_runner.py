@@ -46,7 +46,7 @@ def program_case(name: str, bundle: Bundle, inputs: Mapping[str, np.ndarray], co
             "program_count": len(bundle.program), "expect": expect, **extra}
 
 
-def run_cases(config: AcceleratorConfig, cases: list[dict], *, seed: int = 1, simulator: str = "verilator") -> dict:
+def run_cases(config: AcceleratorConfig, cases: list[dict], *, seed: int = 1, simulator: str | None = None) -> dict:
     """Run ``cases`` on the core; raises if any output differs. Returns counters and timing."""
     memory = max(len(bytes.fromhex(c["image"][0][1])) for c in cases if c["image"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,11 +55,16 @@ __all__ = [
     "to_verilog",
     "build",
     "run_bench",
+    "default_simulator",
     "PARAMS_ENV",
+    "SIM_ENV",
 ]
 
 #: Environment variable that carries the path of the bench's JSON parameter file.
 PARAMS_ENV = "WEFT_BENCH_PARAMS"
+
+#: Environment variable naming the default simulator (set by ``make sim SIM=...``).
+SIM_ENV = "WEFT_SIM"
 
 #: Verilator lint warnings that Amaranth's generated Verilog always triggers, waived one by
 #: one (no ``-Wno-fatal``, so any other warning still fails the build):
@@ -252,8 +257,13 @@ def _parse_results(path: Path) -> dict[str, str]:
     return tests
 
 
+def default_simulator() -> str:
+    """The simulator benches use unless told otherwise: ``$WEFT_SIM`` (``make sim SIM=...``), else Verilator."""
+    return os.environ.get(SIM_ENV) or "verilator"
+
+
 def run_bench(component: Any, bench: str | os.PathLike, *, params: Mapping[str, Any] | None = None,
-              name: str = "top", simulator: str = "verilator", testcase: str | Sequence[str] | None = None,
+              name: str = "top", simulator: str | None = None, testcase: str | Sequence[str] | None = None,
               seed: int | None = None, build_args: Sequence[str] = (), waves: bool = False,
               verilog_text: str | None = None) -> BenchResult:
     """Convert ``component``, build it (cached) and run the cocotb tests in ``bench``.
@@ -265,6 +275,7 @@ def run_bench(component: Any, bench: str | os.PathLike, *, params: Mapping[str, 
     Pass ``verilog_text`` to skip the conversion (``component`` is then ignored).
     Raises :class:`RtlBuildError` or :class:`RtlBenchFailure`; returns a :class:`BenchResult`.
     """
+    simulator = simulator or default_simulator()
     module = _resolve_module(bench)
     t0 = time.monotonic()
     if verilog_text is None:

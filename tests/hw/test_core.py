@@ -60,6 +60,7 @@ def test_core_runs_gemm_programs_like_the_golden_model_tiny():
 
 
 @pytest.mark.rtl
+@pytest.mark.verilator_only  # a 16x16 core is minutes per case on Icarus
 def test_core_runs_gemm_programs_like_the_golden_model_default():
     config = load_config("default")
     rng = np.random.default_rng(6)

@@ -24,7 +24,7 @@ from weft.sim.twin.standin import StandInTop
 
 from .twin_fixtures import copy_model, launch_standin, standin, start_copy
 
-pytestmark = pytest.mark.rtl
+pytestmark = [pytest.mark.rtl, pytest.mark.verilator_only]  # the twin is a Verilator C++ model
 
 TINY = load_config("tiny")
 

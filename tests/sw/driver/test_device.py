@@ -147,7 +147,9 @@ def test_unknown_transport_scheme():
 
 
 # ---------------------------------------------------------------------- against the twin
-pytest_rtl = pytest.mark.rtl
+def pytest_rtl(test):
+    """RTL tests driven through the Verilator twin (a C++ model: Verilator only)."""
+    return pytest.mark.verilator_only(pytest.mark.rtl(test))
 
 
 @pytest.fixture(scope="module")
