@@ -16,8 +16,8 @@
                     +---- [DMA] <--> axi; its read side shared by fetch and LOAD (ReadArbiter)
 
 Memory ports, by priority (port 0 first): scratchpad reads: MATMUL rows, PRELOAD rows,
-STORE; scratchpad writes: REQUANT, LOAD; accumulator reads: REQUANT, STORE; the
-accumulator's update port takes array results first and LOAD rows in the gaps.
+STORE, VECTOR; scratchpad writes: VECTOR, LOAD; accumulator reads: VECTOR, STORE; the
+accumulator's update port takes array results first, then VECTOR rows, then LOAD rows.
 
 Performance counters (``weft.hw.registers.COUNTERS``): ``cycles`` while busy;
 ``array_busy`` cycles a row entered the array; while the array takes no row, the cycle
@@ -88,7 +88,7 @@ class Core(wiring.Component):
             "store": StoreUnit(cfg),
             "matmul": MatmulUnit(cfg),
             "vector": VectorUnit(cfg),
-            "sp": Scratchpad.from_config(cfg, read_ports=3, write_ports=2),
+            "sp": Scratchpad.from_config(cfg, read_ports=4, write_ports=2),
             "acc": Accumulator.from_config(cfg, read_ports=2),
             "array": None,
             "requant": None,
@@ -124,18 +124,24 @@ class Core(wiring.Component):
         connect(m, mm.a_read, sp.read0)
         connect(m, mm.w_read, sp.read1)
         connect(m, store.sp_read, sp.read2)
+        connect(m, vec.sp_read, sp.read3)  # vector operands in the scratchpad: lowest priority
         connect(m, vec.sp_write, sp.write0)
         connect(m, load.sp_write, sp.write1)
         connect(m, vec.acc_read, acc.read0)
         connect(m, store.acc_read, acc.read1)
         # The array cannot stall, so its rows own the update port; LOAD rows use the gaps.
+        # Vector results bound for the accumulator (vbin/vmap dst=acc, vrow max/sum) come next.
         with m.If(mm.acc_update.valid):
             m.d.comb += [acc.update.valid.eq(1), acc.update.addr.eq(mm.acc_update.addr),
                          acc.update.data.eq(mm.acc_update.data), acc.update.accumulate.eq(mm.acc_update.accumulate)]
+        with m.Elif(vec.acc_write.valid):
+            m.d.comb += [acc.update.valid.eq(1), acc.update.addr.eq(vec.acc_write.addr),
+                         acc.update.data.eq(vec.acc_write.data), acc.update.accumulate.eq(0)]
         with m.Else():
             m.d.comb += [acc.update.valid.eq(load.acc_write.valid), acc.update.addr.eq(load.acc_write.addr),
                          acc.update.data.eq(load.acc_write.data), acc.update.accumulate.eq(0)]
-        m.d.comb += load.acc_write.ready.eq(~mm.acc_update.valid)
+        m.d.comb += [vec.acc_write.ready.eq(~mm.acc_update.valid),
+                     load.acc_write.ready.eq(~mm.acc_update.valid & ~vec.acc_write.valid)]
 
         # ------------------------------------------------------------ array and requantizer
         connect(m, mm.array_in, array.inp)
@@ -171,6 +177,8 @@ class Core(wiring.Component):
                 m.d.sync += bus_error.eq(ErrorCause.BUS_READ)
             with m.Elif(store.error):
                 m.d.sync += bus_error.eq(ErrorCause.BUS_WRITE)
+            with m.Elif(vec.error):  # a vector instruction the unit refuses (reserved func, bad operands)
+                m.d.sync += bus_error.eq(ErrorCause.ILLEGAL_INSTRUCTION)
         finish_cause = Signal(8)
         with m.If(ctrl.error_cause == ERROR_ILLEGAL):
             m.d.comb += finish_cause.eq(ErrorCause.ILLEGAL_INSTRUCTION)

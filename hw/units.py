@@ -13,7 +13,8 @@ visible to any later reader (the controller then releases its tokens).
 * :class:`MatmulUnit`: PRELOAD and MATMUL. A PRELOAD fills the array's shadow weights
   while the previous MATMUL streams; the next MATMUL swaps them in on its first row, so
   consecutive MATMULs stream back to back at one row per cycle.
-* :class:`VectorUnit`: REQUANT, ``lanes`` elements per cycle.
+* :class:`VectorUnit`: REQUANT, ``lanes`` elements per cycle; VBIN, VMAP and VROW through
+  :class:`weft.hw.vector.RowEngine` (one instruction at a time across both).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .dma import beat_layout, cmd_layout, done_layout
 from .isa import INSTR_BITS, INSTR_BYTES, Mem, Opcode
 from .memory import read_signature, write_signature
 from .requant import requant_input_signature, requant_output_signature
+from .vector import RowEngine
 
 __all__ = ["FetchAdapter", "ReadArbiter", "LoadUnit", "StoreUnit", "MatmulUnit", "VectorUnit",
            "acc_write_signature", "max_row_bytes"]
@@ -197,7 +199,9 @@ class LoadUnit(wiring.Component):
             self.cmd.payload.rows.eq(view.rows),
             self.cmd.payload.row_bytes.eq(row_bytes),
             self.cmd.payload.stride.eq(view.stride),
-            self.issue.ready.eq(jobs.w_rdy & (~needs_dma | self.cmd.ready)),
+            # needs_dma comes from the payload, which is undefined while valid is low (the
+            # controller's queue FIFO output before its first word): gate ready with valid.
+            self.issue.ready.eq(self.issue.valid & jobs.w_rdy & (~needs_dma | self.cmd.ready)),
             jobs.w_en.eq(self.issue.valid & self.issue.ready),
             jobs.w_data.eq(Cat(view.mem, view.local, view.rows, needs_dma)),
         ]
@@ -310,7 +314,8 @@ class StoreUnit(wiring.Component):
             self.cmd.payload.rows.eq(view.rows),
             self.cmd.payload.row_bytes.eq(row_bytes),
             self.cmd.payload.stride.eq(view.stride),
-            self.issue.ready.eq(~busy & (empty | self.cmd.ready)),
+            # `empty` decodes the payload, undefined while valid is low: gate ready with valid
+            self.issue.ready.eq(self.issue.valid & ~busy & (empty | self.cmd.ready)),
         ]
         with m.If(self.issue.valid & self.issue.ready):
             with m.If(empty):
@@ -418,7 +423,8 @@ class MatmulUnit(wiring.Component):
         last_read = Signal()
         accept_mm = is_mm & (~stream_busy | last_read) & ~pre_busy
         m.d.comb += [
-            self.issue.ready.eq(order.w_rdy & Mux(is_mm, accept_mm, accept_pre)),
+            # is_mm decodes the payload, undefined while valid is low: gate ready with valid
+            self.issue.ready.eq(self.issue.valid & order.w_rdy & Mux(is_mm, accept_mm, accept_pre)),
             order.w_en.eq(self.issue.valid & self.issue.ready),
             order.w_data.eq(is_mm),
         ]
@@ -597,8 +603,11 @@ class VectorUnit(wiring.Component):
         super().__init__({
             "issue": In(stream.Signature(INSTR_BITS)),
             "complete": Out(1),
+            "error": Out(1),
             "acc_read": Out(read_signature(config.acc_rows, _acc_row(config))),
+            "sp_read": Out(read_signature(config.sp_rows, _sp_row(config))),
             "sp_write": Out(write_signature(config.sp_rows, _sp_row(config))),
+            "acc_write": Out(acc_write_signature(config)),
             "rq_in": Out(requant_input_signature(self.lanes, self.tag_bits)),
             "rq_out": In(requant_output_signature(self.lanes, self.tag_bits)),
         })
@@ -610,6 +619,14 @@ class VectorUnit(wiring.Component):
         view = data.View(instruction_layout(Opcode.REQUANT), self.issue.payload)
         beat_bits = max(1, (NB - 1).bit_length())
 
+        # VBIN / VMAP / VROW go to the row engine; REQUANT to the path below. One instruction
+        # at a time across both, so completions stay in issue order.
+        m.submodules.rows = eng = RowEngine(cfg)
+        is_rq = self.issue.payload[:8] == int(Opcode.REQUANT)
+        rq_valid, rq_ready, rq_complete = Signal(), Signal(), Signal()
+        rq_acc_valid, rq_acc_addr = Signal(), Signal(range(cfg.acc_rows))
+        rq_sp_valid, rq_sp_addr, rq_sp_data = Signal(), Signal(range(cfg.sp_rows)), Signal(_sp_row(cfg))
+
         busy = Signal()
         src = Signal(20)
         dst = Signal(20)
@@ -618,10 +635,36 @@ class VectorUnit(wiring.Component):
         relu = Signal()
         bias = Signal(_acc_row(cfg))
         scale = Signal(_acc_row(cfg))
-        m.d.comb += self.issue.ready.eq(~busy)
-        with m.If(self.issue.valid & self.issue.ready):
+        m.d.comb += [
+            rq_valid.eq(self.issue.valid & is_rq & ~eng.busy),
+            rq_ready.eq(~busy & ~eng.busy),
+            eng.issue.valid.eq(self.issue.valid & ~is_rq & ~busy),
+            eng.issue.payload.eq(self.issue.payload),
+            self.issue.ready.eq(Mux(is_rq, rq_ready, eng.issue.ready & ~busy)),
+            self.complete.eq(rq_complete | eng.complete),
+            self.error.eq(eng.error),
+            self.acc_read.valid.eq(rq_acc_valid | eng.acc_read.valid),
+            self.acc_read.addr.eq(Mux(eng.busy, eng.acc_read.addr, rq_acc_addr)),
+            eng.acc_read.ready.eq(self.acc_read.ready),
+            eng.acc_read.rvalid.eq(self.acc_read.rvalid),
+            eng.acc_read.rdata.eq(self.acc_read.rdata),
+            self.sp_read.valid.eq(eng.sp_read.valid),
+            self.sp_read.addr.eq(eng.sp_read.addr),
+            eng.sp_read.ready.eq(self.sp_read.ready),
+            eng.sp_read.rvalid.eq(self.sp_read.rvalid),
+            eng.sp_read.rdata.eq(self.sp_read.rdata),
+            self.sp_write.valid.eq(rq_sp_valid | eng.sp_write.valid),
+            self.sp_write.addr.eq(Mux(eng.sp_write.valid, eng.sp_write.addr, rq_sp_addr)),
+            self.sp_write.data.eq(Mux(eng.sp_write.valid, eng.sp_write.data, rq_sp_data)),
+            eng.sp_write.ready.eq(self.sp_write.ready),
+            self.acc_write.valid.eq(eng.acc_write.valid),
+            self.acc_write.addr.eq(eng.acc_write.addr),
+            self.acc_write.data.eq(eng.acc_write.data),
+            eng.acc_write.ready.eq(self.acc_write.ready),
+        ]
+        with m.If(rq_valid & rq_ready):
             with m.If(view.rows == 0):
-                m.d.comb += self.complete.eq(1)
+                m.d.comb += rq_complete.eq(1)
             with m.Else():
                 m.d.sync += [busy.eq(1), src.eq(view.src), dst.eq(view.dst), param.eq(view.param),
                              rows.eq(view.rows), relu.eq(view.relu)]
@@ -634,14 +677,14 @@ class VectorUnit(wiring.Component):
         row_index = Signal(16)
         with m.FSM(name="vector"):
             with m.State("IDLE"):
-                with m.If(self.issue.valid & self.issue.ready & (view.rows != 0)):
+                with m.If(rq_valid & rq_ready & (view.rows != 0)):
                     m.next = "BIAS"
             with m.State("BIAS"):
-                m.d.comb += [self.acc_read.valid.eq(1), self.acc_read.addr.eq(param)]
+                m.d.comb += [rq_acc_valid.eq(1), rq_acc_addr.eq(param)]
                 with m.If(self.acc_read.ready):
                     m.next = "SCALE"
             with m.State("SCALE"):
-                m.d.comb += [self.acc_read.valid.eq(1), self.acc_read.addr.eq(param + 1)]
+                m.d.comb += [rq_acc_valid.eq(1), rq_acc_addr.eq(param + 1)]
                 with m.If(self.acc_read.rvalid):
                     m.d.sync += bias.eq(self.acc_read.rdata)
                 with m.If(self.acc_read.ready):
@@ -652,12 +695,12 @@ class VectorUnit(wiring.Component):
                 m.next = "ROWS"
             with m.State("ROWS"):
                 can_read = (requested != rows) & (gap == 0)
-                m.d.comb += [self.acc_read.valid.eq(can_read), self.acc_read.addr.eq(src + requested)]
+                m.d.comb += [rq_acc_valid.eq(can_read), rq_acc_addr.eq(src + requested)]
                 with m.If(can_read & self.acc_read.ready):
                     m.d.sync += [requested.eq(requested + 1), gap.eq(NB - 1)]
                 with m.Elif(gap != 0):
                     m.d.sync += gap.eq(gap - 1)
-                with m.If(self.complete):
+                with m.If(rq_complete):
                     m.d.sync += [busy.eq(0), requested.eq(0), gap.eq(0), row_index.eq(0)]
                     m.next = "IDLE"
 
@@ -719,10 +762,10 @@ class VectorUnit(wiring.Component):
             m.d.sync += out.eq(full)
         write = self.rq_out.valid & orow_done
         m.d.comb += [
-            self.sp_write.valid.eq(write),
-            self.sp_write.addr.eq(oaddr),
-            self.sp_write.data.eq(Cat(full, Const(0, (cfg.sp_row_elems - C) * 8)) if cfg.sp_row_elems > C else full),
+            rq_sp_valid.eq(write),
+            rq_sp_addr.eq(oaddr),
+            rq_sp_data.eq(Cat(full, Const(0, (cfg.sp_row_elems - C) * 8)) if cfg.sp_row_elems > C else full),
         ]
         with m.If(write & olast):
-            m.d.comb += self.complete.eq(1)
+            m.d.comb += rq_complete.eq(1)
         return m

@@ -1,0 +1,387 @@
+"""RTL tests of the vector unit's VBIN / VMAP / VROW (weft.hw.vector.RowEngine) on the whole core.
+
+Every case is a program LOAD (inputs, parameter rows) -> one vector instruction -> STORE,
+run on the bit-exact model first (sim.golden) for the expected bytes, then on the RTL
+core through sim.core_runner.run_cases: the RTL must leave the same bytes. One Verilator
+build per configuration serves every case of that configuration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weft.hw import vector_numerics as vn
+from weft.hw.config import load_config
+from weft.hw.isa import Instruction, Mem, Opcode, encode_program
+from weft.hw.registers import ErrorCause
+from weft.sim.core_runner import run_cases
+from weft.sim.golden import GoldenMachine
+
+MEMORY = 1 << 16
+DATA = 0x1000
+
+
+class Prog:
+    """A program image: data loaded to on-chip rows, one or more ops, stores of results."""
+
+    def __init__(self, config):
+        self.config = config
+        self.E = config.acc_row_elems
+        self.next = DATA
+        self.loads: list[Instruction] = []
+        self.image: dict[int, bytes] = {}
+        self.outs: list[tuple[int, int]] = []
+
+    def _place(self, raw: bytes) -> int:
+        addr = self.next
+        self.image[addr] = raw
+        self.next = (addr + len(raw) + 63) & ~63
+        return addr
+
+    def load(self, mem: Mem, local: int, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        dtype = "<i4" if mem == Mem.ACC else np.int8
+        arr = rows.astype(dtype)
+        addr = self._place(arr.tobytes())
+        esize = 4 if mem == Mem.ACC else 1
+        self.loads.append(Instruction.make(Opcode.LOAD, mem=int(mem), local=local, dram=addr, rows=arr.shape[0],
+                                           cols=arr.shape[1], stride=arr.shape[1] * esize))
+
+    def store(self, mem: Mem, local: int, rows: int) -> Instruction:
+        esize = 4 if mem == Mem.ACC else 1
+        size = rows * self.E * esize
+        addr = self.next
+        self.next = (addr + size + 63) & ~63
+        self.outs.append((addr, size))
+        return Instruction.make(Opcode.STORE, mem=int(mem), local=local, dram=addr, rows=rows, cols=self.E,
+                                stride=self.E * esize)
+
+    def case(self, name: str, ops: list[Instruction], stores: list[Instruction], **extra) -> dict:
+        loads = list(self.loads)
+        loads[-1] = loads[-1].with_tokens(signal=["vector"])
+        ops = list(ops)
+        ops[0] = ops[0].with_tokens(wait=["load"])
+        ops[-1] = ops[-1].with_tokens(signal=["store"])
+        stores = list(stores)
+        stores[0] = stores[0].with_tokens(wait=["vector"])
+        program = loads + ops + stores + [Instruction.make(Opcode.HALT)]
+        return raw_case(name, self.config, program, self.image, self.outs, **extra)
+
+
+def raw_case(name, config, program, image: dict[int, bytes], outs, **extra) -> dict:
+    machine = GoldenMachine(config, memory_bytes=MEMORY)
+    code = encode_program(program)
+    machine.write(0, code)
+    for addr, raw in image.items():
+        machine.write(addr, raw)
+    before = machine.memory.tobytes()
+    machine.run(machine.fetch_program(0, len(program)))
+    expect = [(a, machine.read(a, n).hex()) for a, n in outs]
+    return {"name": name, "image": [(0, before.hex())], "program_addr": 0, "program_count": len(program),
+            "expect": expect, **extra}
+
+
+def _word(rng, shift_lo=0, shift_hi=40):
+    return int(vn.pack_scale_word(int(rng.integers(1, 1 << 16)), int(rng.integers(shift_lo, shift_hi + 1))))
+
+
+def _values(rng, mem: Mem, shape, extreme=False):
+    if mem == Mem.SP:
+        return rng.integers(-128, 128, shape) if not extreme else rng.choice([-128, 127, 0, -1], shape)
+    if extreme:
+        return rng.choice([-(1 << 31), (1 << 31) - 1, 0, -1, 1], shape)
+    return rng.integers(-(1 << 20), 1 << 20, shape)
+
+
+# ---------------------------------------------------------------------- elementwise
+def vmap_case(config, rng, func: str, src_mem: Mem, dst_mem: Mem, rows: int, *, words=None, extreme=False,
+              inplace=False, name=None):
+    p = Prog(config)
+    E = p.E
+    x = _values(rng, src_mem, (rows, E), extreme)
+    p.load(src_mem, 8, x)
+    if words is None:
+        if func == "scale":
+            words = [_word(rng, 0, 40 if src_mem == Mem.ACC else 12)]
+        else:
+            in_scale = float(rng.uniform(0.002, 0.2)) / (1 if src_mem == Mem.SP else 4000)
+            words = list(vn.gelu_params(in_scale, float(rng.uniform(0.01, 0.1)) * (1 if dst_mem == Mem.SP else 1e-3),
+                                        cols=E).ravel()[:2])
+    p.load(Mem.ACC, 100, vn.param_rows(words, E))
+    dst = 8 if inplace and src_mem == dst_mem else 40
+    op = Instruction.make(Opcode.VMAP, func=func, src_mem=int(src_mem), src=8, dst_mem=int(dst_mem), dst=dst,
+                          param=100, rows=rows)
+    return p.case(name or f"vmap_{func}_{src_mem.name}_{dst_mem.name}", [op], [p.store(dst_mem, dst, rows)])
+
+
+def vbin_case(config, rng, func: str, a_mem: Mem, b_mem: Mem, dst_mem: Mem, rows: int, *, extreme=False, name=None):
+    p = Prog(config)
+    E = p.E
+    a = _values(rng, a_mem, (rows, E), extreme)
+    if func == "rope":
+        b = vn.rope_table(rng.integers(0, 100, rows), E).astype(np.int64)
+        if b_mem == Mem.SP:
+            b = np.clip(b >> 7, -128, 127)
+    else:
+        b = _values(rng, b_mem, (rows, E), extreme)
+    p.load(a_mem, 8, a)
+    p.load(b_mem, 60, b)
+    if func == "add":
+        sa = int(rng.integers(0, 30))
+        sb = int(np.clip(sa + rng.integers(-15, 16), 0, 63))
+        words = [int(vn.pack_scale_word(int(rng.integers(1, 1 << 16)), sa)),
+                 int(vn.pack_scale_word(int(rng.integers(1, 1 << 16)), sb))]
+    else:
+        words = [_word(rng, 8, 50)]
+    p.load(Mem.ACC, 120, vn.param_rows(words, E))
+    op = Instruction.make(Opcode.VBIN, func=func, a_mem=int(a_mem), a=8, b_mem=int(b_mem), b=60, dst_mem=int(dst_mem),
+                          dst=150, param=120, rows=rows)
+    return p.case(name or f"vbin_{func}_{a_mem.name}_{b_mem.name}_{dst_mem.name}", [op],
+                  [p.store(dst_mem, 150, rows)])
+
+
+# ---------------------------------------------------------------------- row ops
+def slice_major(x: np.ndarray, E: int, garbage: np.ndarray | None = None) -> np.ndarray:
+    """[M, L] -> on-chip rows [C*M, E]; element (r, j) at row (j // E) * M + r, column j % E."""
+    M, L = x.shape
+    C = -(-L // E)
+    padded = np.zeros((M, C * E), dtype=np.int64) if garbage is None else garbage[:M, :C * E].astype(np.int64).copy()
+    padded[:, :L] = x
+    return padded.reshape(M, C, E).transpose(1, 0, 2).reshape(C * M, E)
+
+
+def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC, x=None, kv_len=None, offset=0,
+              causal=False, unsigned=False, name=None, in_scale=None):
+    p = Prog(config)
+    E = p.E
+    C = -(-L // E)
+    if x is None:
+        if func == "softmax":
+            x = rng.integers(-3000, 3000, (M, L))
+        elif src_mem == Mem.SP:
+            x = rng.integers(-128, 128, (M, L))
+        else:
+            x = rng.integers(-(1 << 24), 1 << 24, (M, L))
+    garbage = _values(rng, src_mem, (M, C * E))
+    src, dst, param = 4, 4 + C * M + 3, 0
+    p.load(src_mem, src, slice_major(np.asarray(x), E, garbage))
+    if func == "softmax":
+        params = vn.softmax_params(in_scale or 0.01, kv_len=L if kv_len is None else kv_len, causal_offset=offset, cols=E)
+    elif func == "layernorm":
+        params = vn.layernorm_params(1.0, rng.uniform(-2, 2, L), rng.uniform(-1, 1, L), float(rng.uniform(0.02, 0.1)),
+                                     cols=E)
+    elif func == "rmsnorm":
+        params = vn.rmsnorm_params(1.0, rng.uniform(-2, 2, L), float(rng.uniform(0.02, 0.1)), cols=E)
+    else:
+        params = None
+    if params is not None:
+        if src_mem == Mem.ACC:
+            param = src + C * M + 1
+        else:
+            param = 0
+        p.load(Mem.ACC, param, params)
+    if func in ("max", "sum"):
+        dst = (src + C * M + 1) if src_mem == Mem.ACC else 0
+        out = (Mem.ACC, dst, M)
+    else:
+        dst = (src + C * M + 1) if src_mem == Mem.SP else 4
+        out = (Mem.SP, dst, C * M)
+    op = Instruction.make(Opcode.VROW, func=func, src_mem=int(src_mem), src=src, dst=dst, param=param, rows=M, len=L,
+                          causal=int(causal), unsigned=int(unsigned))
+    return p.case(name or f"vrow_{func}_{M}x{L}", [op], [p.store(*out)])
+
+
+def illegal_case(config, name, instr: Instruction) -> dict:
+    program = [instr, Instruction.make(Opcode.HALT)]
+    return {"name": name, "image": [(0, encode_program(program).hex())], "program_addr": 0, "program_count": 2,
+            "expect": [], "expect_cause": int(ErrorCause.ILLEGAL_INSTRUCTION)}
+
+
+def elementwise_cases(config, rng) -> list[dict]:
+    SP, ACC = Mem.SP, Mem.ACC
+    cases = []
+    for func in ("scale", "gelu", "silu"):
+        for src, dst in ((ACC, SP), (SP, SP), (SP, ACC), (ACC, ACC)):
+            cases.append(vmap_case(config, rng, func, src, dst, int(rng.integers(1, 9))))
+        cases.append(vmap_case(config, rng, func, ACC, SP, 5, extreme=True, name=f"vmap_{func}_extreme"))
+    cases.append(vmap_case(config, rng, "scale", SP, SP, 6, inplace=True, name="vmap_scale_inplace"))
+    cases.append(vmap_case(config, rng, "gelu", ACC, ACC, 6, inplace=True, name="vmap_gelu_inplace_acc"))
+    cases.append(vmap_case(config, rng, "scale", ACC, SP, 3, words=[int(vn.pack_scale_word(65535, 63))],
+                           extreme=True, name="vmap_scale_shift63"))
+    cases.append(vmap_case(config, rng, "scale", ACC, ACC, 3, words=[int(vn.pack_scale_word(65535, 0))],
+                           extreme=True, name="vmap_scale_saturate32"))
+    for func in ("add", "mul", "rope"):
+        for a, b, d in ((SP, SP, SP), (ACC, SP, SP), (SP, ACC, ACC), (SP, SP, ACC)):
+            cases.append(vbin_case(config, rng, func, a, b, d, int(rng.integers(1, 7))))
+        cases.append(vbin_case(config, rng, func, ACC, SP, SP, 4, extreme=True, name=f"vbin_{func}_extreme"))
+    cases.append(vbin_case(config, rng, "add", ACC, ACC, ACC, 5, extreme=True, name="vbin_add_acc_acc"))
+    return cases
+
+
+def row_cases(config, rng) -> list[dict]:
+    E = config.acc_row_elems
+    cases = []
+    for func in ("max", "sum"):
+        cases.append(vrow_case(config, rng, func, 3, 2 * E + 3))
+        cases.append(vrow_case(config, rng, func, 2, 1, name=f"vrow_{func}_len1"))
+        cases.append(vrow_case(config, rng, func, 3, E + 1, src_mem=Mem.SP, name=f"vrow_{func}_sp"))
+        cases.append(vrow_case(config, rng, func, 2, 3 * E, x=np.full((2, 3 * E), (1 << 31) - 1) * np.array([[1], [-1]]),
+                               name=f"vrow_{func}_extreme"))
+    L = 3 * E + 2
+    cases.append(vrow_case(config, rng, "softmax", 4, L))
+    cases.append(vrow_case(config, rng, "softmax", 3, L, unsigned=True, name="softmax_u8"))
+    cases.append(vrow_case(config, rng, "softmax", 5, L, kv_len=L - 3, causal=True, offset=1, name="softmax_causal"))
+    cases.append(vrow_case(config, rng, "softmax", 4, L, causal=True, offset=-2, name="softmax_fully_masked_rows"))
+    cases.append(vrow_case(config, rng, "softmax", 2, L, kv_len=0, name="softmax_kv0"))
+    cases.append(vrow_case(config, rng, "softmax", 3, 1, name="softmax_len1"))
+    cases.append(vrow_case(config, rng, "softmax", 2, L, x=np.full((2, L), 77), name="softmax_equal"))
+    cases.append(vrow_case(config, rng, "softmax", 2, L, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, L)),
+                           in_scale=0.3, name="softmax_extreme"))
+    cases.append(vrow_case(config, rng, "softmax", 2, E, src_mem=Mem.SP, name="softmax_sp"))
+    for func in ("layernorm", "rmsnorm"):
+        cases.append(vrow_case(config, rng, func, 3, 2 * E + 1))
+        cases.append(vrow_case(config, rng, func, 2, E, src_mem=Mem.SP, name=f"{func}_sp"))
+        cases.append(vrow_case(config, rng, func, 2, 1, name=f"{func}_len1"))
+        cases.append(vrow_case(config, rng, func, 2, E + 3, x=np.full((2, E + 3), -5), name=f"{func}_equal"))
+        cases.append(vrow_case(config, rng, func, 2, 2 * E, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, 2 * E)),
+                               name=f"{func}_extreme"))
+        cases.append(vrow_case(config, rng, func, 2, E, x=np.zeros((2, E), dtype=np.int64), name=f"{func}_zero"))
+    return cases
+
+
+def error_cases(config) -> list[dict]:
+    return [
+        illegal_case(config, "vbin_reserved", Instruction.make(Opcode.VBIN, func=3, a_mem=0, a=0, b_mem=0, b=0,
+                                                               dst_mem=0, dst=0, param=0, rows=1)),
+        illegal_case(config, "vmap_reserved", Instruction.make(Opcode.VMAP, func=3, src_mem=0, src=0, dst_mem=0,
+                                                               dst=0, param=0, rows=1)),
+        illegal_case(config, "vrow_reserved", Instruction.make(Opcode.VROW, func=6, src_mem=1, src=0, dst=0,
+                                                               param=0, rows=1, len=4)),
+        illegal_case(config, "vrow_len0", Instruction.make(Opcode.VROW, func=0, src_mem=1, src=0, dst=0,
+                                                           param=0, rows=1, len=0)),
+        illegal_case(config, "vbin_mul_two_acc", Instruction.make(Opcode.VBIN, func=1, a_mem=1, a=0, b_mem=1, b=0,
+                                                                  dst_mem=0, dst=0, param=0, rows=1)),
+    ]
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("name", ["tiny", "default"])
+def test_vector_ops_match_golden(name):
+    config = load_config(name)
+    rng = np.random.default_rng(11 if name == "tiny" else 12)
+    cases = elementwise_cases(config, rng) + row_cases(config, rng) + error_cases(config)
+    # the core still works after a refused instruction
+    cases.append(vmap_case(config, rng, "gelu", Mem.ACC, Mem.SP, 3, name="after_errors"))
+    run_cases(config, cases)
+
+
+# ---------------------------------------------------------------------- concurrency with MATMUL
+def overlap_cases(config, rng) -> list[dict]:
+    """Three programs: a long matmul alone, a softmax alone, both with no token between them."""
+    E = config.acc_row_elems
+    R = config.array.rows
+    m_rows, repeats = 120, 4
+    M, L = 6, 5 * E
+    C = -(-L // E)
+    a = rng.integers(-128, 128, (m_rows, R))
+    w = rng.integers(-128, 128, (R, E))
+    x = rng.integers(-3000, 3000, (M, L))
+    out = []
+    for variant in ("matmul", "vector", "both"):
+        p = Prog(config)
+        p.load(Mem.SP, 0, a)
+        p.load(Mem.SP, 200, w)
+        src = m_rows + 8
+        p.load(Mem.ACC, src, slice_major(x, E))
+        p.load(Mem.ACC, src + C * M, vn.softmax_params(0.01, kv_len=L, cols=E))
+        loads = list(p.loads)
+        mm_ops = [Instruction.make(Opcode.PRELOAD, sp=200, k=R, n=E)]
+        mm_ops += [Instruction.make(Opcode.MATMUL, a=0, acc=0, m=m_rows, k=R) for _ in range(repeats)]
+        vec = Instruction.make(Opcode.VROW, func="softmax", src_mem=1, src=src, dst=300, param=src + C * M, rows=M, len=L)
+        program = loads[:-1]
+        signal = {"matmul": ["matmul"], "vector": ["vector"], "both": ["matmul", "vector"]}[variant]
+        program.append(loads[-1].with_tokens(signal=signal))
+        stores = []
+        if variant != "vector":
+            mm_ops[0] = mm_ops[0].with_tokens(wait=["load"])
+            mm_ops[-1] = mm_ops[-1].with_tokens(signal=["store"])
+            program += mm_ops
+            stores.append(p.store(Mem.ACC, 0, m_rows).with_tokens(wait=["matmul"]))
+        if variant != "matmul":
+            program.append(vec.with_tokens(wait=["load"], signal=["store"]))
+            stores.append(p.store(Mem.SP, 300, C * M).with_tokens(wait=["vector"]))
+        program += stores + [Instruction.make(Opcode.HALT)]
+        out.append(raw_case(f"overlap_{variant}", config, program, p.image, p.outs))
+    return out
+
+
+@pytest.mark.rtl
+def test_matmul_and_vector_op_run_concurrently():
+    config = load_config("tiny")
+    rng = np.random.default_rng(21)
+    report = run_cases(config, overlap_cases(config, rng))["cases"]
+    cycles = {r["name"].split("_", 1)[1]: r["counters"]["cycles"] for r in report}
+    # Both together finish well before the sum of each alone (the loads and stores are in all three).
+    assert cycles["both"] < cycles["matmul"] + cycles["vector"] - 200, cycles
+    print("overlap cycles:", cycles)
+
+
+# ---------------------------------------------------------------------- throughput
+THROUGHPUT_LENGTHS = (64, 128, 384, 576, 1536)
+
+
+def throughput_cases(config, rng, func: str, L: int, M: int = 4) -> list[dict]:
+    """The op once and twice on the same data: the difference in CYCLES is one op's time."""
+    E = config.acc_row_elems
+    C = -(-L // E)
+    out = []
+    for times in (1, 2):
+        p = Prog(config)
+        if func in ("gelu", "add"):
+            if func == "gelu":
+                p.load(Mem.ACC, 0, rng.integers(-5000, 5000, (C * M, E)))
+                p.load(Mem.ACC, C * M + 1, vn.gelu_params(0.001, 0.05, cols=E))
+                op = Instruction.make(Opcode.VMAP, func="gelu", src_mem=1, src=0, dst_mem=0, dst=0, param=C * M + 1,
+                                      rows=C * M)
+            else:
+                p.load(Mem.SP, 0, rng.integers(-128, 128, (C * M, E)))
+                p.load(Mem.SP, C * M, rng.integers(-128, 128, (C * M, E)))
+                p.load(Mem.ACC, 0, vn.add_params(0.1, 0.07, 0.12, cols=E))
+                op = Instruction.make(Opcode.VBIN, func="add", a_mem=0, a=0, b_mem=0, b=C * M, dst_mem=0,
+                                      dst=2 * C * M, param=0, rows=C * M)
+            store = (Mem.SP, 0 if func == "gelu" else 2 * C * M, C * M)
+        else:
+            x = rng.integers(-3000, 3000, (M, L))
+            p.load(Mem.ACC, 0, slice_major(x, E))
+            if func == "softmax":
+                params = vn.softmax_params(0.01, kv_len=L, cols=E)
+            else:
+                params = vn.layernorm_params(1.0, rng.uniform(-2, 2, L), rng.uniform(-1, 1, L), 0.05, cols=E)
+            p.load(Mem.ACC, C * M, params)
+            op = Instruction.make(Opcode.VROW, func=func, src_mem=1, src=0, dst=0, param=C * M, rows=M, len=L)
+            store = (Mem.SP, 0, C * M)
+        out.append(p.case(f"tp_{func}_{L}_x{times}", [op] * times, [p.store(*store)]))
+    return out
+
+
+def measure_throughput(config, lengths=THROUGHPUT_LENGTHS, funcs=("gelu", "add", "softmax", "layernorm"), M=4):
+    rng = np.random.default_rng(31)
+    cases = [c for f in funcs for L in lengths for c in throughput_cases(config, rng, f, L, M)]
+    report = {r["name"]: r["counters"]["cycles"] for r in run_cases(config, cases)["cases"]}
+    return {(f, L): (report[f"tp_{f}_{L}_x2"] - report[f"tp_{f}_{L}_x1"]) / M for f in funcs for L in lengths}
+
+
+@pytest.mark.rtl
+def test_vector_throughput_default():
+    config = load_config("default")
+    E = config.acc_row_elems
+    per_row = measure_throughput(config)
+    for (func, L), cycles in sorted(per_row.items()):
+        print(f"{func:10s} L={L:5d}: {cycles:7.1f} cycles/row ({L / cycles:5.2f} elements/cycle)")
+    C = {L: -(-L // E) for L in THROUGHPUT_LENGTHS}
+    for L in THROUGHPUT_LENGTHS:
+        assert per_row[("gelu", L)] <= C[L] + 4      # one on-chip row per cycle
+        assert per_row[("add", L)] <= 2 * C[L] + 4   # two operand reads per row
+        assert per_row[("softmax", L)] <= 3 * C[L] + 60
+        assert per_row[("layernorm", L)] <= 5 * C[L] + 120
