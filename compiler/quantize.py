@@ -32,16 +32,25 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from weft.hw.vector_numerics import fixed_point_scale, pack_scale_word
+from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params, layernorm_params, pack_scale_word,
+                                     softmax_params)
 
 from .ir import Graph, Node
-from .reference import run_float, softmax_placeholder
+from .reference import run_float
 
 __all__ = ["QuantizeError", "CALIBRATION_METHODS", "LinearParams", "MatMulParams", "AttentionParams",
-           "QuantizedGraph", "Calibrator", "calibrate", "quantize", "quantize_weight", "scale_words"]
+           "VecIn", "NormParams", "GeluParams", "AddParams", "QuantizedGraph", "Calibrator", "calibrate", "quantize", "quantize_weight", "scale_words"]
 
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 PROB_SCALE = 1.0 / 127.0
+#: A wide residual sum's int32 scale is the finer operand's scale / 2**WIDE_ADD_SHIFT.
+WIDE_ADD_SHIFT = 4
+#: A host-computed LayerNorm input (the embedding sum) goes to the device as int32 with its
+#: calibrated |x| maximum at 2**HOST_WIDE_BITS.
+HOST_WIDE_BITS = 20
+#: A per-channel int8 tensor widened for a vector op gets the int32 scale
+#: min(channel scales) / 2**WIDEN_BITS (per-channel factors >= 2**WIDEN_BITS).
+WIDEN_BITS = 10
 
 
 class QuantizeError(ValueError):
@@ -75,7 +84,61 @@ class AttentionParams:
     v_scale: float
     out_scale: float
     prob_scale: float
-    scale_words: np.ndarray  # int32 [1]: P @ v -> context
+    scale_words: np.ndarray  # int32 [1] or [H*Dh]: P @ v -> context
+    score_scale: float = 0.0  # real value of one unit of the int32 scores q k^T (attention scale included)
+    softmax_word: int = 0  # vrow softmax scale word (softmax_params)
+
+
+@dataclass
+class VecIn:
+    """How a vector op reads a tensor: ``int8`` (per-tensor scale), ``int32`` (wide, one
+    scale) or ``widen``: a per-channel int8 tensor multiplied by per-channel int32
+    ``factors`` (``vbin mul`` with the factor row repeated down the rows) into int32 at the one
+    fine ``scale``. ``twin``: read the producer's per-tensor-twin copy."""
+
+    kind: str
+    scale: float
+    factors: np.ndarray | None = None  # int32 [C] for "widen"
+    twin: bool = False
+
+
+@dataclass
+class NormParams:
+    """``vrow layernorm``: int8 output at ``out_scale`` (per tensor or per channel) with the
+    integer shift / gains / biases of :func:`layernorm_params`."""
+
+    src: VecIn
+    out_scale: float | np.ndarray
+    shift: int
+    gain: np.ndarray  # int32 [L]
+    bias: np.ndarray  # int32 [L]
+    twin: "NormParams | None" = None  # second output with other (per-channel) scales, for vector consumers
+
+
+@dataclass
+class GeluParams:
+    """``vmap gelu``. Per-tensor output: int8 directly. Per-channel output: int32 at
+    ``mid_scale`` into the accumulator, then REQUANT with ``requant_words`` per channel."""
+
+    src: VecIn
+    out_scale: float | np.ndarray
+    word_in: int
+    word_out: int
+    mid_scale: float | None = None
+    requant_words: np.ndarray | None = None
+
+
+@dataclass
+class AddParams:
+    """``vbin add`` of two operands (each int8, or widened to int32) into int8 (scratchpad)
+    or int32 (``output == "int32"``: a wide residual sum in accumulator rows)."""
+
+    a: VecIn
+    b: VecIn
+    out_scale: float
+    word_a: int
+    word_b: int
+    output: str
 
 
 @dataclass
@@ -88,8 +151,13 @@ class QuantizedGraph:
     method: str = "max"
     #: values the vector unit keeps wide (int32 accumulators / its internal precision), not int8
     wide: set[str] = field(default_factory=set)
-    #: the vector unit's softmax: (int32 scores, score scale, float mask) -> QTensor (0..127 at 1/127)
-    softmax_impl: Callable = softmax_placeholder
+    norms: dict[str, NormParams] = field(default_factory=dict)
+    gelus: dict[str, GeluParams] = field(default_factory=dict)
+    adds: dict[str, AddParams] = field(default_factory=dict)
+    #: LayerNorm outputs with a second int8 copy for their vector-op consumers: name -> its scales
+    twins: dict[str, np.ndarray] = field(default_factory=dict)
+    #: host-computed values a device op reads: name -> ("int8" | "int32", scale) or ("kv_len", None)
+    device_inputs: dict[str, tuple[str, float | None]] = field(default_factory=dict)
 
 
 def scale_words(real_scale: np.ndarray | float) -> np.ndarray:
@@ -192,13 +260,16 @@ def calibrate(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]], method:
 
 
 def wide_values(graph: Graph) -> set[str]:
-    """Tensors that never exist as int8: a Linear whose every consumer is a Gelu, or a residual
-    Add that feeds only LayerNorms, hands its int32 accumulator rows (+ bias) straight to the
-    vector unit (a GEMM epilogue), and such a residual sum stays in the vector unit's wide
-    precision up to the LayerNorm. This keeps BERT's outlier channels (residual stream |x| >
-    200 next to channels below 1) out of a per-tensor int8 tensor."""
+    """Tensors that never exist as int8: a device ``Add`` whose every consumer is a LayerNorm
+    (BERT's residual sum) is produced by ``vbin add`` into int32 accumulator rows at a fine
+    scale and read by the LayerNorm's ``vrow`` from there. This keeps the residual stream's
+    outlier channels (|x| > 200 next to channels below 1) out of an int8 tensor.
+
+    (A ``Linear`` is never wide: its int32 accumulators carry one scale per output channel
+    (per-channel weights), and no vector operation takes per-channel input scales, so each
+    GEMM requantizes to int8 with REQUANT's per-channel scale words; a vector op that reads a
+    per-channel int8 tensor first widens it to one int32 scale, :class:`VecIn`.)"""
     cons = graph.consumers()
-    prod = graph.producers()
     outputs = {o.name for o in graph.outputs}
     wide: set[str] = set()
     for n in graph.nodes:
@@ -208,43 +279,60 @@ def wide_values(graph: Graph) -> set[str]:
             continue
         if n.op == "Add" and all(u.op == "LayerNorm" and u.inputs[0] == o for u in users):
             wide.add(o)
-    for n in graph.nodes:
-        o = n.outputs[0]
-        users = cons.get(o, [])
-        if n.op != "Linear" or n.device != "device" or o in outputs or not users:
-            continue
-        if all(u.op == "Gelu" or (u.op == "Add" and u.outputs[0] in wide) for u in users):
-            wide.add(o)
     return wide
 
 
+#: Producers whose output stage can scale each channel on its own: REQUANT's per-column
+#: scale words (Linear, Attention's ``P v``, GELU through an int32 intermediate) or
+#: LayerNorm's per-channel gain and bias words.
+CHANNEL_PRODUCERS = ("Linear", "LayerNorm", "Gelu", "Attention")
+#: Consumers that accept a per-channel int8 input: a Linear folds the scales into its weight
+#: rows; the vector ops widen it to int32 first (``vbin mul`` by per-channel factors).
+CHANNEL_CONSUMERS = ("Linear", "Add", "Gelu", "LayerNorm")
+
+
 def channel_scaled_values(graph: Graph, wide: set[str]) -> set[str]:
-    """LayerNorm, Gelu and Attention outputs that can carry one int8 scale per channel: the
-    producer's output stage requantizes per channel (the vector unit's per-channel scale words;
-    for Attention the ``P v`` GEMM's per-column REQUANT), and every consumer is a Linear (which
-    folds the per-channel input scale into its weight rows before quantizing them per output
-    column) or a wide residual Add (which dequantizes per channel on the vector unit)."""
+    """Device tensors that carry one int8 scale per channel (last axis): produced by one of
+    :data:`CHANNEL_PRODUCERS` and read only by :data:`CHANNEL_CONSUMERS` (an Attention needs
+    per-tensor q, k and v; graph outputs stay per tensor)."""
     cons = graph.consumers()
     outputs = {o.name for o in graph.outputs}
     out = set()
     for n in graph.nodes:
         o = n.outputs[0]
         users = cons.get(o, [])
-        if n.op not in ("LayerNorm", "Gelu", "Attention") or n.device != "device" or o in outputs or not users:
+        if n.op not in CHANNEL_PRODUCERS or n.device != "device" or o in outputs or not users or o in wide:
             continue
-        if all((u.op == "Linear" and u.inputs[0] == o) or (u.op == "Add" and u.outputs[0] in wide) for u in users):
+        if all(u.op in CHANNEL_CONSUMERS and u.inputs[0] == o or (u.op == "Add" and o in u.inputs[:2]) for u in users):
             out.add(o)
     return out
 
 
+def _widen(scale: np.ndarray, twin: bool = False) -> "VecIn":
+    """Factors that turn a per-channel int8 tensor into int32 at one fine scale."""
+    scale = np.asarray(scale, dtype=np.float64)
+    fine = max(float(scale.min()) / (1 << WIDEN_BITS), float(scale.max()) * 128 / 2**30)
+    factors = np.rint(scale / fine).astype(np.int64)
+    return VecIn("widen", fine, factors.astype(np.int32), twin)
+
+
 def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "max",
-             keep_wide: bool = True, channel_scales: Mapping[str, np.ndarray] | None = None) -> QuantizedGraph:
-    """Quantize ``graph``'s device GEMMs with the given activation scales (from :func:`calibrate`).
+             keep_wide: bool = True, channel_scales: Mapping[str, np.ndarray] | None = None,
+             vector_channel_scales: Mapping[str, np.ndarray] | None = None,
+             amax: Mapping[str, float] | None = None) -> QuantizedGraph:
+    """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
-    ``channel_scales`` (per-channel scales, e.g. ``Calibrator.channel_scales()``): used for the
-    tensors :func:`channel_scaled_values` allows; None keeps every activation per tensor."""
+    ``channel_scales`` (per-channel scales, e.g. ``Calibrator.channel_scales(alpha)``): used for
+    the tensors :func:`channel_scaled_values` allows (a Linear consumer folds them into its
+    weights); None keeps every activation per tensor. ``vector_channel_scales`` (default:
+    ``channel_scales``; e.g. ``Calibrator.channel_scales(1.0)``): the scales of tensors only
+    vector ops read, and of a LayerNorm output's twin (a second int8 copy with these scales)
+    when both Linears and vector ops read it. ``amax`` (largest |x| per tensor; default
+    ``127 * act_scales``): sets the int32 scales of host tensors handed to a device LayerNorm
+    and of GELU's int32 intermediate."""
     scales = dict(act_scales)
+    amax = dict(amax or {})
     prod = graph.producers()
     cons = graph.consumers()
     # FakeQuant (QDQ) fixes the scale of its output and of the tensor it reads.
@@ -254,51 +342,151 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 raise QuantizeError(f"{n.name}: only symmetric activation quantization (zero point 0) is supported")
             scales[n.outputs[0]] = n.attrs["scale"]
             src = n.inputs[0]
-            if src in prod and src not in graph.consts:
+            if src not in graph.consts:
                 scales[src] = n.attrs["scale"]
     qg = QuantizedGraph(graph, scales, method=method)
     qg.wide = wide_values(graph) if keep_wide else set()
+    vec_scales = vector_channel_scales if vector_channel_scales is not None else channel_scales
     if channel_scales:
         for name in channel_scaled_values(graph, qg.wide):
-            if name in channel_scales:
-                scales[name] = np.asarray(channel_scales[name], dtype=np.float64)
+            users = cons.get(name, [])
+            linear_users = any(u.op == "Linear" for u in users)
+            vector_users = any(u.op != "Linear" for u in users)
+            src = channel_scales if linear_users else vec_scales
+            if name not in src:
+                continue
+            scales[name] = np.asarray(src[name], dtype=np.float64)
+            if linear_users and vector_users and prod[name].op == "LayerNorm" and vec_scales is not channel_scales \
+                    and name in vec_scales:
+                qg.twins[name] = np.asarray(vec_scales[name], dtype=np.float64)
 
-    def need(name: str, node: Node) -> float:
+    def need(name: str, node: Node):
         s = scales.get(name)
         if s is None:
             raise QuantizeError(f"{node.name} ({node.op}): no activation scale for {name!r}; calibrate first")
         return s if isinstance(s, np.ndarray) else float(s)
+
+    def peak(name: str, node: Node) -> float:
+        if name in amax:
+            return float(max(amax[name], 1e-8))
+        s = need(name, node)
+        return float(np.max(s)) * 127.0
+
+    host = {v.name for v in graph.inputs} | {o for n in graph.nodes if n.device == "host" for o in n.outputs}
+    for n in graph.nodes:
+        if n.device != "device":
+            continue
+        for i, name in enumerate(n.inputs):
+            if name is None or name in graph.consts or name not in host or name in qg.device_inputs:
+                continue
+            if n.op == "Attention" and i == 3:
+                qg.device_inputs[name] = ("kv_len", None)
+            elif n.op == "LayerNorm" and i == 0:
+                qg.device_inputs[name] = ("int32", peak(name, n) / (1 << HOST_WIDE_BITS))
+            else:
+                s = need(name, n)
+                qg.device_inputs[name] = ("int8", float(np.max(s)))
+
+    def vec_in(name: str, node: Node) -> VecIn:
+        """How a vector op reads ``name``."""
+        if name in qg.device_inputs:
+            kind, s = qg.device_inputs[name]
+            return VecIn(kind, s)
+        if name in qg.wide:
+            return VecIn("int32", qg.adds[prod[name].name].out_scale)
+        if name in qg.twins:
+            return _widen(qg.twins[name], twin=True)
+        s = need(name, node)
+        if isinstance(s, np.ndarray):
+            return _widen(s)
+        return VecIn("int8", s)
+
+    def tensor_scale(name: str, node: Node) -> float:
+        s = need(name, node)
+        if isinstance(s, np.ndarray):
+            raise QuantizeError(f"{node.name} ({node.op}): {name!r} must have one scale per tensor")
+        return s
 
     for n in graph.nodes:
         if n.device != "device":
             continue
         if n.op == "Linear":
             w = graph.consts[n.inputs[1]]
-            wide = n.outputs[0] in qg.wide
-            s_in = need(n.inputs[0], n)
+            x = n.inputs[0]
+            if x in qg.wide:
+                raise QuantizeError(f"{n.name} (Linear): an int32 (wide) input is not supported")
+            s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
             if isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
                 wq, ws = quantize_weight(w.astype(np.float64) * s_in[:, None])
-                in_scale = s_in
+                in_sc = s_in
                 s_in = 1.0
             elif n.inputs[1] in graph.qdq_weights:
                 wq, ws = graph.qdq_weights[n.inputs[1]]
-                in_scale = s_in
+                in_sc = s_in
             else:
                 wq, ws = quantize_weight(w)
-                in_scale = s_in
-            s_out = 1.0 if wide else need(n.outputs[0], n)
+                in_sc = s_in
+            s_out = need(n.outputs[0], n)
             acc_scale = s_in * ws.astype(np.float64)
             b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
             bq = np.clip(np.rint(b / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
-            words = np.zeros(w.shape[1], np.int32) if wide else scale_words(acc_scale / s_out)
-            qg.linears[n.name] = LinearParams(wq, ws, bq, in_scale, s_out, words, "int32" if wide else "int8",
+            qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, s_out, scale_words(acc_scale / s_out), "int8",
                                               acc_in_scale=s_in)
         elif n.op == "MatMul":
             sa, sb, so = need(n.inputs[0], n), need(n.inputs[1], n), need(n.outputs[0], n)
             qg.matmuls[n.name] = MatMulParams(sa, sb, so, scale_words(sa * sb / so))
         elif n.op == "Attention":
-            sq, sk, sv = (need(i, n) for i in n.inputs[:3])
+            sq, sk, sv = (tensor_scale(i, n) for i in n.inputs[:3])
             so = need(n.outputs[0], n)
-            qg.attentions[n.name] = AttentionParams(sq, sk, sv, so, PROB_SCALE,
-                                                    scale_words(PROB_SCALE * sv / np.atleast_1d(so)))
+            prob = 1.0 / 127.0
+            score_scale = sq * sk * float(n.attrs["scale"])
+            word = int(softmax_params(score_scale, kv_len=0, cols=3)[0, 0])
+            qg.attentions[n.name] = AttentionParams(sq, sk, sv, so, prob,
+                                                    scale_words(prob * sv / np.atleast_1d(so)),
+                                                    score_scale=score_scale, softmax_word=word)
+        elif n.op == "LayerNorm":
+            x = n.inputs[0]
+            gamma = graph.consts[n.inputs[1]]
+            beta = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else None
+            if gamma.ndim != 1 or graph.shape(x)[-1] != gamma.size or \
+                    n.attrs.get("axis", -1) not in (-1, len(graph.shape(x)) - 1):
+                raise QuantizeError(f"{n.name} (LayerNorm): only normalisation over the last axis is supported")
+            src = vec_in(x, n)
+            o = n.outputs[0]
+            qg.norms[n.name] = _norm(src, gamma, beta, need(o, n))
+            if o in qg.twins:
+                qg.norms[n.name].twin = _norm(src, gamma, beta, qg.twins[o])
+        elif n.op == "Gelu":
+            src = vec_in(n.inputs[0], n)
+            so = need(n.outputs[0], n)
+            if isinstance(so, np.ndarray):  # per channel: int32 intermediate, then REQUANT per column
+                mid = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
+                words = gelu_params(src.scale, mid, cols=2)[0]
+                qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]), mid_scale=mid,
+                                              requant_words=scale_words(mid / so))
+            else:
+                words = gelu_params(src.scale, so, cols=2)[0]
+                qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]))
+        elif n.op == "Add":
+            a, b = n.inputs[:2]
+            for v in (a, b):
+                if v in qg.wide:
+                    raise QuantizeError(f"{n.name} (Add): an int32 (wide) operand {v!r} is not supported")
+                if graph.shape(v) != graph.shape(n.outputs[0]):
+                    raise QuantizeError(f"{n.name} (Add): broadcasting {v!r} {list(graph.shape(v))} to "
+                                        f"{list(graph.shape(n.outputs[0]))} is not supported on the device")
+            ia, ib = vec_in(a, n), vec_in(b, n)
+            if n.outputs[0] in qg.wide:
+                so, out = min(ia.scale, ib.scale) / (1 << WIDE_ADD_SHIFT), "int32"
+            else:
+                so, out = tensor_scale(n.outputs[0], n), "int8"
+            words = add_params(ia.scale, ib.scale, so, cols=2)[0]
+            qg.adds[n.name] = AddParams(ia, ib, so, int(words[0]), int(words[1]), out)
     return qg
+
+
+def _norm(src: "VecIn", gamma, beta, out_scale) -> "NormParams":
+    rows = layernorm_params(src.scale, gamma, beta if beta is not None else np.zeros_like(gamma), out_scale, cols=1)
+    L = np.asarray(gamma).size
+    return NormParams(src=src, out_scale=out_scale, shift=int(rows[0, 0]),
+                      gain=rows[1:1 + L, 0].astype(np.int32), bias=rows[1 + L:1 + 2 * L, 0].astype(np.int32))

@@ -8,12 +8,14 @@
   REQUANT (:func:`weft.hw.vector_numerics.requantize`: fixed-point multiplier and shift, round half
   to even, saturate), so a compiled program must reproduce these integers bit for bit.
 
-  **Placeholder:** the vector-unit ops (Softmax inside Attention, LayerNorm, Gelu, residual
-  Add, elementwise Mul/Div/Sub) are not yet integer: their integer algorithms are being
-  defined separately. Until then each dequantizes its int8 inputs, computes in float and
-  quantizes its output to the calibrated int8 scale (round half to even). Each such op is one
-  entry of :data:`INT8_OPS`; replacing that one function with the integer algorithm is all
-  the swap takes (see :func:`register_int8_op`).
+  The vector-unit ops use the vector unit's integer algorithms
+  (:mod:`weft.hw.vector_numerics`, the same functions the bit-exact model runs): the
+  softmax inside Attention (``vrow softmax`` with a key-padding length mask), LayerNorm
+  (``vrow layernorm``), Gelu (``vmap gelu``) and the residual Add (``vbin add``, into int32
+  accumulator rows when a LayerNorm reads the sum). A compiled bundle reproduces every
+  integer of this executor (``tests/compiler/test_lower.py``). Ops with no device lowering
+  (a standalone Softmax, elementwise Mul/Sub/Div on the device) keep a float stand-in
+  (:func:`_placeholder`); the back end refuses them.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from weft.hw.vector_numerics import requantize
+from weft.hw.vector_numerics import (INT8, INT32, layernorm_rows, requantize, softmax_mask, softmax_rows, vec_add,
+                                     vec_gelu, vec_mul)
 
 from .ir import Graph, Node
 
 __all__ = ["ExecutionError", "FLOAT_OPS", "INT8_OPS", "QTensor", "AccTensor", "run_float", "run_int8",
-           "register_int8_op", "quantize_tensor", "float_kernel"]
+           "register_int8_op", "quantize_tensor", "float_kernel", "key_lengths", "softmax_placeholder"]
 
 
 class ExecutionError(RuntimeError):
@@ -78,14 +81,17 @@ def _attention(q, k, v, mask, num_heads: int, scale: float) -> np.ndarray:
     B, S, D = q.shape
     Skv = k.shape[1]
     dh = D // num_heads
-    qh = q.reshape(B, S, num_heads, dh).transpose(0, 2, 1, 3).astype(np.float64)
-    kh = k.reshape(B, Skv, num_heads, dh).transpose(0, 2, 1, 3).astype(np.float64)
-    vh = v.reshape(B, Skv, num_heads, v.shape[2] // num_heads).transpose(0, 2, 1, 3).astype(np.float64)
-    scores = qh @ kh.transpose(0, 1, 3, 2) * scale
+    dv = v.shape[2] // num_heads
+    # contiguous 3-D per-head operands: numpy's stacked matmul is far slower on 4-D stacks
+    qh = np.ascontiguousarray(q.reshape(B, S, num_heads, dh).transpose(0, 2, 1, 3), dtype=np.float64)
+    kt = np.ascontiguousarray(k.reshape(B, Skv, num_heads, dh).transpose(0, 2, 3, 1), dtype=np.float64)
+    vh = np.ascontiguousarray(v.reshape(B, Skv, num_heads, dv).transpose(0, 2, 1, 3), dtype=np.float64)
+    scores = (qh.reshape(B * num_heads, S, dh) @ kt.reshape(B * num_heads, dh, Skv)).reshape(B, num_heads, S, Skv)
+    scores = scores * scale
     if mask is not None:
         scores = scores + mask.astype(np.float64)
-    probs = _softmax(scores, -1)
-    ctx = probs @ vh
+    probs = _softmax(scores, -1).reshape(B * num_heads, S, Skv)
+    ctx = (probs @ vh.reshape(B * num_heads, Skv, dv)).reshape(B, num_heads, S, dv)
     return ctx.transpose(0, 2, 1, 3).reshape(B, S, -1).astype(q.dtype)
 
 
@@ -95,7 +101,8 @@ def _fake_quant(x, scale, zero_point, qmin, qmax):
 
 
 def _linear(x, w, b=None):
-    y = np.matmul(x.astype(np.float64), w.astype(np.float64))
+    K = w.shape[0]
+    y = (x.reshape(-1, K).astype(np.float64) @ w.astype(np.float64)).reshape(*x.shape[:-1], w.shape[-1])
     if b is not None:
         y = y + b
     return y.astype(np.result_type(x.dtype, w.dtype))
@@ -192,6 +199,7 @@ class QTensor:
 
     q: np.ndarray
     scale: float | np.ndarray  # per tensor, or per channel (last axis)
+    twin: "QTensor | None" = None  # per-tensor copy of a per-channel tensor (LayerNorm output read by an Add)
 
     def dequant(self) -> np.ndarray:
         return (self.q.astype(np.float64) * self.scale).astype(np.float32)
@@ -272,9 +280,8 @@ def _int8_matmul(qg, node: Node, a, b):
 
 
 def softmax_placeholder(scores_int32: np.ndarray, score_scale: float, mask: np.ndarray | None) -> QTensor:
-    """PLACEHOLDER for the vector unit's integer softmax: int32 scores (real value =
-    ``scores * score_scale``) plus an additive float mask -> probabilities as int8 with scale
-    1/127 (0..127). Dequantize, float softmax, quantize."""
+    """Float softmax quantized to int8 at 1/127 (kept for comparisons; :func:`run_int8` uses
+    the vector unit's integer softmax)."""
     s = scores_int32.astype(np.float64) * score_scale
     if mask is not None:
         s = s + mask
@@ -282,10 +289,32 @@ def softmax_placeholder(scores_int32: np.ndarray, score_scale: float, mask: np.n
     return QTensor(np.clip(np.rint(p * 127.0), 0, 127).astype(np.int8), 1.0 / 127.0)
 
 
+def key_lengths(mask: np.ndarray | None, batch: int, kv: int) -> np.ndarray:
+    """Valid key count per batch item from an additive attention-mask bias broadcastable to
+    ``[B, H, S, S_kv]``: keys with a bias above -1 are valid. The device's softmax masks by
+    length (``j < kv_len``), so the valid keys must be a prefix, the same for every query row."""
+    if mask is None:
+        return np.full(batch, kv, dtype=np.int64)
+    m = np.asarray(mask, dtype=np.float64)
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    valid = np.broadcast_to(m > -1.0, (max(batch, m.shape[0]),) + m.shape[1:3] + (kv,))
+    if valid.shape[1] != 1 or valid.shape[2] != 1:
+        if not np.all(valid == valid[:, :1, :1, :]):
+            raise ExecutionError("attention mask differs between heads or query rows; only a key-padding mask "
+                                 "(the same valid keys for every query) is supported on the device")
+    valid = np.broadcast_to(valid[:, 0, 0, :], (batch, kv))
+    lengths = valid.sum(axis=-1)
+    prefix = np.arange(kv)[None, :] < lengths[:, None]
+    if not np.array_equal(valid, prefix):
+        raise ExecutionError("attention mask is not a key-padding prefix (valid tokens first, padding last)")
+    return lengths.astype(np.int64)
+
+
 @register_int8_op("Attention")
 def _int8_attention(qg, node: Node, q, k, v, mask=None):
-    """Per head: scores = q_h k_h^T (int8 GEMM, int32 out), softmax (vector unit,
-    placeholder), ctx = P v_h (int8 GEMM, requantized to the output scale)."""
+    """Per head: scores = q_h k_h^T (int8 GEMM, int32 out), the vector unit's integer softmax
+    (``vrow softmax``, key-padding mask by length, int8 probabilities at 1/127),
+    ctx = P v_h (int8 GEMM, requantized per output channel)."""
     p = qg.attentions[node.name]
     qq, kq, vq = _as_q(q, p.q_scale), _as_q(k, p.k_scale), _as_q(v, p.v_scale)
     H = node.attrs["num_heads"]
@@ -295,8 +324,12 @@ def _int8_attention(qg, node: Node, q, k, v, mask=None):
     kh = kq.q.reshape(B, Skv, H, D // H).transpose(0, 2, 1, 3)
     vh = vq.q.reshape(B, Skv, H, vq.q.shape[2] // H).transpose(0, 2, 1, 3)
     scores = _int_gemm(qh, kh.transpose(0, 1, 3, 2))
-    probs = qg.softmax_impl(scores, qq.scale * kq.scale * node.attrs["scale"], _as_float(mask))
-    acc = _int_gemm(probs.q, vh)
+    lengths = key_lengths(None if mask is None else _as_float(mask), B, Skv)
+    probs = np.empty(scores.shape, dtype=np.int8)
+    for b in range(B):
+        valid = softmax_mask(S, Skv, int(lengths[b]), False, 0)
+        probs[b] = softmax_rows(scores[b], p.softmax_word, valid[None], unsigned=False)
+    acc = _int_gemm(probs, vh)
     words = p.scale_words
     if words.size > 1:  # per output channel c = h * dh + j
         words = words.reshape(H, 1, -1)
@@ -304,8 +337,70 @@ def _int8_attention(qg, node: Node, q, k, v, mask=None):
     return QTensor(out.transpose(0, 2, 1, 3).reshape(B, S, -1), p.out_scale)
 
 
+def vector_input(x, src) -> np.ndarray:
+    """The integers a vector op reads for an input described by ``src``
+    (:class:`~weft.compiler.quantize.VecIn`): int8 rows, int32 accumulator rows, a per-channel
+    int8 tensor widened by ``vbin mul`` with its per-channel factors, or a host float tensor
+    converted as the bundle's input tensor converts it (round half to even, saturate)."""
+    if isinstance(x, QTensor):
+        q = x.twin.q if src.twin else x.q
+        if src.kind == "widen":
+            return vec_mul(q, src.factors.astype(np.int64), _UNIT_WORD, INT32)
+        return q.astype(np.int64)
+    if isinstance(x, AccTensor):
+        return x.acc.astype(np.int64)
+    lo, hi = (-2**31, 2**31 - 1) if src.kind == "int32" else (-128, 127)
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) / src.scale), lo, hi).astype(np.int64)
+
+
+_UNIT_WORD = 1  # scale word with multiplier 1, shift 0: y = a * b exactly
+
+
+def _layernorm_int(p, x: np.ndarray) -> np.ndarray:
+    L = x.shape[-1]
+    return layernorm_rows(x.reshape(-1, L), p.shift, p.gain, p.bias).reshape(x.shape).astype(np.int8)
+
+
+@register_int8_op("LayerNorm")
+def _int8_layernorm(qg, node: Node, x, gamma=None, beta=None):
+    """``vrow layernorm`` over the last axis -> int8 (per-tensor or per-channel scale; a
+    second copy with other scales when vector ops read it too)."""
+    p = qg.norms[node.name]
+    xi = vector_input(x, p.src)
+    out = QTensor(_layernorm_int(p, xi), p.out_scale)
+    if p.twin is not None:
+        out.twin = QTensor(_layernorm_int(p.twin, xi), p.twin.out_scale)
+    return out
+
+
+@register_int8_op("Gelu")
+def _int8_gelu(qg, node: Node, x):
+    """``vmap gelu`` (coefficient-ROM Phi) -> int8, or -> int32 then REQUANT per channel."""
+    p = qg.gelus[node.name]
+    xi = vector_input(x, p.src)
+    if p.requant_words is None:
+        return QTensor(vec_gelu(xi, p.word_in, p.word_out, INT8).astype(np.int8), p.out_scale)
+    mid = vec_gelu(xi, p.word_in, p.word_out, INT32)
+    return QTensor(requantize(mid, np.zeros(1, np.int64), p.requant_words), p.out_scale)
+
+
+@register_int8_op("Add")
+def _int8_add(qg, node: Node, a, b):
+    """``vbin add`` of two operands (int8 or widened int32) -> int32 accumulator rows (a wide
+    residual sum) or int8."""
+    p = qg.adds.get(node.name)
+    if p is None:
+        return _placeholder("Add")(qg, node, a, b)
+    ai, bi = vector_input(a, p.a), vector_input(b, p.b)
+    if p.output == "int32":
+        return AccTensor(vec_add(ai, bi, p.word_a, p.word_b, INT32).astype(np.int32), np.float64(p.out_scale))
+    return QTensor(vec_add(ai, bi, p.word_a, p.word_b, INT8).astype(np.int8), p.out_scale)
+
+
 def _placeholder(op: str):
-    """PLACEHOLDER vector-unit op: dequantize, float kernel, quantize to the output scale."""
+    """Float stand-in for a device op with no integer lowering (e.g. a standalone Softmax or an
+    elementwise Mul): dequantize, float kernel, quantize to the output scale. The back end
+    refuses such ops; the emulation keeps them runnable for studies."""
     def run(qg, node: Node, *args):
         out = float_kernel(node, [_as_float(a) for a in args])
         scale = qg.act_scales.get(node.outputs[0])
@@ -318,7 +413,7 @@ def _placeholder(op: str):
     return run
 
 
-for _op in ("Softmax", "LayerNorm", "Gelu", "Add", "Sub", "Mul", "Div", "FakeQuant"):
+for _op in ("Softmax", "Sub", "Mul", "Div", "FakeQuant"):
     INT8_OPS[_op] = _placeholder(_op)
 
 

@@ -369,6 +369,201 @@ def cmd_docs(args) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- compile / embed
+def _stage_printer():
+    def show(name: str, seconds: float, note: str = "") -> None:
+        print(f"  {name:<24s} {seconds:6.2f} s{('  ' + note) if note else ''}", flush=True)
+    return show
+
+
+def _sentence_feeds(graph, sentences: list[str], seq_len: int) -> list[dict]:
+    """Model feeds for ``sentences``: MiniLM's tokenizer (the weights package's, else the tiny
+    test tokenizer), padded to ``seq_len``; ids past the model's vocabulary wrap around."""
+    from weft.sw.models.minilm import BertTokenizer, CheckpointError, tiny_tokenizer
+
+    try:
+        tok = BertTokenizer.from_pretrained(max_length=seq_len)
+    except CheckpointError:
+        tok = tiny_tokenizer(seq_len)
+    names = {v.name for v in graph.inputs}
+    if "input_ids" not in names:
+        raise UsageError(f"sentence calibration needs an 'input_ids' model input (inputs: {', '.join(sorted(names))}); "
+                         "pass --calibration FILE.npz with the model's inputs")
+    vocab = min((c.shape[0] for n in graph.nodes if n.op == "Gather" and n.inputs[1] == "input_ids"
+                 for c in [graph.consts.get(n.inputs[0])] if c is not None), default=None)
+    enc = tok(sentences, max_length=seq_len, padding="max_length")
+    feeds = []
+    for i in range(len(sentences)):
+        ids = np.asarray(enc.input_ids[i:i + 1], dtype=np.int64)
+        f = {"input_ids": ids % vocab if vocab else ids,
+             "attention_mask": np.asarray(enc.attention_mask[i:i + 1], dtype=np.int64)}
+        if "token_type_ids" in names:
+            f["token_type_ids"] = np.zeros_like(ids)
+        feeds.append({k: v for k, v in f.items() if k in names})
+    return feeds
+
+
+def _calibration(args, graph) -> tuple[list[dict], str]:
+    from weft.sw.accuracy import CALIBRATION_SENTENCES
+
+    seq_len = next((v.shape[-1] for v in graph.inputs if v.name == "input_ids"), None)
+    if args.calibration:
+        path = Path(args.calibration)
+        if path.suffix == ".npz":
+            try:
+                data = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot read calibration file {path}: {exc}") from None
+            names = [v.name for v in graph.inputs]
+            missing = [n for n in names if n not in data]
+            if missing:
+                raise UsageError(f"{path}: no arrays for model inputs {', '.join(missing)}")
+            count = len(data[names[0]])
+            return [{n: data[n][i] for n in names} for i in range(count)], f"{count} samples from {path}"
+        try:
+            sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"cannot read calibration file {path}: {exc.strerror}") from None
+        if not sentences:
+            raise UsageError(f"{path}: no sentences")
+        return _sentence_feeds(graph, sentences, seq_len), f"{len(sentences)} sentences from {path}"
+    n = args.calibration_sentences
+    if not 1 <= n <= len(CALIBRATION_SENTENCES):
+        raise UsageError(f"--calibration-sentences must be 1..{len(CALIBRATION_SENTENCES)} (the built-in set)")
+    return _sentence_feeds(graph, CALIBRATION_SENTENCES[:n], seq_len), f"{n} built-in sentences"
+
+
+def cmd_compile(args) -> int:
+    from weft.compiler.frontend import FrontendError, import_onnx
+    from weft.compiler.lower import LoweringError, listing, lower
+    from weft.compiler.pipeline import limit_blas_threads, quantize_for_device
+    from weft.compiler.quantize import QuantizeError
+
+    config = _load_config(args.config)
+    show = _stage_printer()
+    limit_blas_threads()
+    model = Path(args.model)
+    print(f"weft compile {model} for {config.name!r} (hash {config.hash[:16]})")
+    total = time.perf_counter()
+    try:
+        t = time.perf_counter()
+        shapes = None
+        if args.seq_len:
+            import onnx
+
+            proto = onnx.load(str(model), load_external_data=False)
+            shapes = {i.name: [1, args.seq_len] for i in proto.graph.input}
+        graph = import_onnx(model, input_shapes=shapes)
+        show("import ONNX", time.perf_counter() - t, f"{len(graph.nodes)} IR nodes, ops {graph.op_counts()}")
+        batches, note = _calibration(args, graph)
+        t = time.perf_counter()
+        qg = quantize_for_device(graph, batches, method=args.method, alpha=args.alpha, vector_alpha=args.vector_alpha)
+        show("calibrate + quantize", time.perf_counter() - t,
+             f"{note}, method {args.method}, alpha {args.alpha}/{args.vector_alpha}")
+        t = time.perf_counter()
+        seq = next((v.shape[-1] for v in graph.inputs), None)
+        bundle = lower(qg, config, model=model.stem, metadata={"seq_len": seq, "source": str(model)})
+        show("lower", time.perf_counter() - t, f"{len(bundle.program)} instructions, "
+             f"{len(bundle.metadata['kernels'])} kernels")
+    except (FrontendError, QuantizeError, LoweringError) as exc:
+        raise UsageError(str(exc)) from None
+    t = time.perf_counter()
+    data = bundle.to_bytes()
+    Path(args.output).write_bytes(data)
+    show("write bundle", time.perf_counter() - t, f"{args.output}: {len(data) / 1e6:.1f} MB")
+    if args.listing:
+        t = time.perf_counter()
+        lst = Path(args.output).with_suffix(".lst")
+        lst.write_text(listing(bundle))
+        show("listing", time.perf_counter() - t, str(lst))
+    print(f"done in {time.perf_counter() - total:.2f} s: {len(bundle.program)} instructions; inputs "
+          + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in bundle.inputs) + "; outputs "
+          + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in bundle.outputs))
+    return EXIT_OK
+
+
+def _minilm_bundle(config, seq_len: int, show):
+    """MiniLM compiled for ``config`` at ``seq_len``, cached under .cache/bundles/ (keyed by
+    configuration hash, model and sequence length) with its host prologue."""
+    import pickle
+
+    from weft.compiler.frontend import import_onnx
+    from weft.compiler.lower import lower
+    from weft.compiler.pipeline import host_graph, quantize_for_device
+    from weft.hw.bundle import read_bundle
+    from weft.sw.accuracy import CALIBRATION_SENTENCES
+    from weft.sw.models.minilm import MiniLM
+
+    model = MiniLM.from_pretrained(max_length=seq_len)
+    folder = Path(".cache") / "bundles"
+    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA
+
+    key = (f"all-MiniLM-L6-v2-s{seq_len}-{config.name}-{config.hash[:16]}"
+           f"-a{DEFAULT_ALPHA:g}-{DEFAULT_VECTOR_ALPHA:g}")
+    path, host_path = folder / f"{key}.weft", folder / f"{key}.host.pkl"
+    if path.is_file() and host_path.is_file():
+        t = time.perf_counter()
+        bundle = read_bundle(path, config=config)
+        with open(host_path, "rb") as fh:
+            host = pickle.load(fh)
+        show("load cached bundle", time.perf_counter() - t, str(path))
+        return model, bundle, host
+    t = time.perf_counter()
+    graph = import_onnx(model.export_onnx(seq_len=seq_len))
+    show("export + import ONNX", time.perf_counter() - t, "first use: compiling")
+    t = time.perf_counter()
+    qg = quantize_for_device(graph, _sentence_feeds(graph, CALIBRATION_SENTENCES, seq_len))
+    show("calibrate + quantize", time.perf_counter() - t, f"{len(CALIBRATION_SENTENCES)} built-in sentences")
+    t = time.perf_counter()
+    bundle = lower(qg, config, model="all-MiniLM-L6-v2", metadata={"seq_len": seq_len})
+    show("lower", time.perf_counter() - t, f"{len(bundle.program)} instructions")
+    folder.mkdir(parents=True, exist_ok=True)
+    host = host_graph(graph)
+    bundle.write(path)
+    with open(host_path, "wb") as fh:
+        pickle.dump(host, fh)
+    return model, bundle, host
+
+
+def cmd_embed(args) -> int:
+    from weft.compiler.pipeline import device_outputs, host_inputs, limit_blas_threads
+    from weft.sim.golden import run_bundle
+    from weft.sw.models.minilm import CheckpointError
+
+    config = _load_config(args.config)
+    show = _stage_printer()
+    limit_blas_threads()
+    print(f"weft embed: all-MiniLM-L6-v2 on {args.device} ({config.name}), sequence length {args.seq_len}")
+    try:
+        model, bundle, host = _minilm_bundle(config, args.seq_len, show)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    status = EXIT_OK
+    for sentence in args.sentences:
+        enc = model.tokenize([sentence], max_length=args.seq_len, padding="max_length")
+        feeds = {"input_ids": np.asarray(enc.input_ids, dtype=np.int64),
+                 "attention_mask": np.asarray(enc.attention_mask, dtype=np.int64)}
+        t = time.perf_counter()
+        outputs, stats = run_bundle(bundle, host_inputs(host, feeds, bundle), config)
+        run_s = time.perf_counter() - t
+        h = next(iter(device_outputs(bundle, outputs).values())).astype(np.float64)
+        h = h.reshape(-1, h.shape[-1])
+        mask = feeds["attention_mask"][0].astype(np.float64)[:, None]
+        pooled = (h * mask).sum(axis=0) / max(mask.sum(), 1.0)
+        norm = float(np.linalg.norm(pooled))
+        emb = pooled / max(norm, 1e-12)
+        tokens = int(mask.sum())
+        head = " ".join(f"{v:+.4f}" for v in emb[:8])
+        print(f"{sentence!r}: {tokens} tokens, {run_s:.1f} s on the bit-exact model "
+              f"({sum(stats.instructions.values())} instructions)")
+        print(f"  embedding[:8] = {head} ...  (dim {emb.size}, pooled norm {norm:.4f})")
+        if args.compare:
+            ref = model.encode([sentence], max_length=args.seq_len)[0].astype(np.float64)
+            cos = float(emb @ ref / np.linalg.norm(ref))
+            print(f"  cosine vs float PyTorch: {cos:.5f}")
+    return status
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weft", description="Co-design toolkit for int8 transformer accelerators on FPGAs.")
@@ -401,6 +596,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs", nargs="*", metavar="NAME=FILE.npy", help="input tensors")
     run.add_argument("--outputs", metavar="DIR", help="save each output as DIR/NAME.npy")
     run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compile", help="compile an ONNX model into a bundle for a configuration")
+    comp.add_argument("model", help="ONNX file (exported with static shapes, or give --seq-len)")
+    comp.add_argument("--config", default="default", help="built-in configuration name or YAML file")
+    comp.add_argument("-o", "--output", required=True, help="bundle file to write (.weft)")
+    cal = comp.add_mutually_exclusive_group()
+    cal.add_argument("--calibration", metavar="FILE",
+                     help="calibration data: a text file (one sentence per line) or .npz (model inputs, samples first)")
+    cal.add_argument("--calibration-sentences", type=int, default=8, metavar="N",
+                     help="calibrate on the first N built-in sentences (default: all 8)")
+    comp.add_argument("--seq-len", type=int, help="sequence length for a model with dynamic input shapes")
+    comp.add_argument("--method", choices=["max", "percentile", "mse"], default="max", help="calibration method")
+    comp.add_argument("--alpha", type=float, default=0.3,
+                      help="per-channel smoothing of tensors Linears read (0: per-tensor activations; default 0.3)")
+    comp.add_argument("--vector-alpha", type=float, default=0.6,
+                      help="per-channel smoothing of tensors only vector ops read (default 0.6)")
+    comp.add_argument("--listing", action="store_true", help="also write OUTPUT.lst, a per-layer program listing")
+    comp.set_defaults(func=cmd_compile)
+
+    embed = sub.add_parser("embed", help="sentence embeddings with all-MiniLM-L6-v2 compiled for a device")
+    embed.add_argument("sentences", nargs="+", metavar="SENTENCE")
+    embed.add_argument("--device", choices=["golden"], default="golden", help="executor (default: golden)")
+    embed.add_argument("--config", default="default")
+    embed.add_argument("--seq-len", type=int, default=128, help="compiled sequence length (default 128)")
+    embed.add_argument("--compare", action="store_true", help="also print the cosine vs float PyTorch")
+    embed.set_defaults(func=cmd_embed)
 
     gemm = sub.add_parser("gemm", help="build a GEMM bundle with random int8 weights")
     gemm.add_argument("M", type=int)

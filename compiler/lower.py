@@ -1,0 +1,738 @@
+"""Back end: a quantized IR graph -> one instruction stream -> a program bundle.
+
+:func:`lower` walks the device nodes of a :class:`~weft.compiler.quantize.QuantizedGraph` in
+order and emits one *kernel* per node (per head and stage for Attention):
+
+* ``Linear``: :func:`weft.compiler.gemm.plan_gemm` + :func:`~weft.compiler.gemm.gemm_program`
+  (bias and per-channel REQUANT in the kernel's epilogue);
+* ``Attention``, per head: ``q_h k_h^T`` (the GEMM kernel with its B tiles loaded as rows of
+  K and preloaded with ``transpose=1``; int32 scores), ``vrow softmax`` over query-row chunks
+  with the key-padding length from the per-sequence ``valid_len`` input, ``P v_h`` (the GEMM
+  kernel, per-column REQUANT). Head split and merge are DMA addressing: head ``h`` reads
+  columns ``h*dh ..`` of q, k and v with the row stride of the whole tensor and writes its
+  context columns the same way;
+* ``LayerNorm`` / ``Gelu`` / ``Add``: chunks of rows loaded slice-major into the
+  accumulator / scratchpad, the vector instruction(s), stores. A per-channel int8 input is
+  first widened to int32 (``vbin mul`` by per-channel factors, the factor row repeated down
+  the chunk with a stride-0 load); a per-channel GELU output goes through int32 and one
+  REQUANT per column slice.
+
+Every kernel reads its inputs from and writes its outputs to device memory, uses the
+on-chip memories from row 0, and ends with the token drain (``token`` instructions taking
+whatever tokens its pipeline left in the counters, so the next kernel starts from zero)
+and a ``fence``. The bit-exact model's race and deadlock checks verify the result.
+
+Device memory (:class:`~weft.compiler.memory.DeviceMemoryPlan`): constant segments
+(weights, bias/scale words, vector parameter rows), the bundle's inputs and outputs, the
+activation buffers (a buffer is reused once every reader of its tensor has run), the
+softmax parameter records and the program.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from weft.hw.bundle import Bundle, Segment, TensorSpec
+from weft.hw.config import AcceleratorConfig
+from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue, format_instruction
+from weft.hw.vector_numerics import param_rows
+
+from .gemm import GemmError, plan_gemm, gemm_program
+from .ir import Node
+from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
+from .quantize import QuantizedGraph, VecIn
+
+__all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name"]
+
+L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
+UNIT_WORD = 1  # scale word: multiplier 1, shift 0
+
+
+class LoweringError(ValueError):
+    """A graph that cannot be mapped onto the configuration: names the node and what does not fit."""
+
+
+@dataclass
+class Kernel:
+    """One kernel of the program: instructions ``first .. first + count - 1``."""
+
+    name: str
+    node: str
+    op: str
+    layer: str
+    first: int
+    count: int
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "node": self.node, "op": self.op, "layer": self.layer, "first": self.first,
+                "count": self.count, "detail": self.detail}
+
+
+@dataclass
+class _Buf:
+    name: str
+    address: int
+    size: int
+
+
+@dataclass
+class _Tensor:
+    """A device tensor in device memory: [rows, cols] row-major, int8 or int32."""
+
+    address: int
+    rows: int
+    cols: int
+    esize: int
+
+    @property
+    def stride(self) -> int:
+        return self.cols * self.esize
+
+
+def kv_len_input_name(value: str, count: int) -> str:
+    return "valid_len" if count == 1 else f"valid_len_{value}"
+
+
+def _ld(mem, local, dram, rows, cols, stride, wait=(), signal=()):
+    return Instruction.make(Opcode.LOAD, mem=mem, local=local, dram=dram, rows=rows, cols=cols, stride=stride,
+                            wait=wait, signal=signal)
+
+
+def _st(mem, local, dram, rows, cols, stride, wait=(), signal=()):
+    return Instruction.make(Opcode.STORE, mem=mem, local=local, dram=dram, rows=rows, cols=cols, stride=stride,
+                            wait=wait, signal=signal)
+
+
+def _tokens_first_last(instrs: list[Instruction], wait: set, signal: set) -> list[Instruction]:
+    """Put ``wait`` on the first and ``signal`` on the last instruction of a group."""
+    if not instrs:
+        return instrs
+    out = list(instrs)
+    out[0] = out[0].with_tokens(wait=out[0].wait | frozenset(wait))
+    out[-1] = out[-1].with_tokens(signal=out[-1].signal | frozenset(signal))
+    return out
+
+
+def _relocated(ins: Instruction, dram: int) -> Instruction:
+    """``ins`` (a validated DMA instruction) with another device-memory address; skips the
+    full field validation (only ``dram`` changes, and it is range-checked here)."""
+    if not 0 <= dram < 1 << 32:
+        raise LoweringError(f"device-memory address 0x{dram:x} does not fit the 32-bit dram field")
+    new = object.__new__(Instruction)
+    new.__dict__.update(ins.__dict__)
+    new.__dict__["args"] = {**ins.args, "dram": dram}
+    return new
+
+
+def drain_tokens(program: list[Instruction]) -> list[Instruction]:
+    """``token`` instructions that take every token ``program`` leaves in a counter."""
+    net: dict[tuple[Queue, Queue], int] = {}
+    for ins in program:
+        q = ins.queue
+        for p in ins.wait:
+            net[(p, q)] = net.get((p, q), 0) - 1
+        for r in ins.signal:
+            net[(q, r)] = net.get((q, r), 0) + 1
+    out = []
+    for (p, q), n in sorted(net.items()):
+        if n < 0:  # pragma: no cover - a kernel never takes more than it gives
+            raise LoweringError(f"kernel takes {-n} more {p.name.lower()}->{q.name.lower()} tokens than it gives")
+        out += [Instruction.make(Opcode.TOKEN, queue=q, wait=[p])] * n
+    return out
+
+
+class _Lowerer:
+    def __init__(self, qg: QuantizedGraph, config: AcceleratorConfig, *, model: str = "", reuse: bool = True):
+        self.qg, self.g, self.cfg = qg, qg.graph, config
+        self.R, self.C = config.array.rows, config.array.cols
+        self.E_sp, self.E_acc = config.sp_row_elems, config.acc_row_elems
+        self.mem = DeviceMemoryPlan(config)
+        self.segments: list[Segment] = []
+        self.program: list[Instruction] = []
+        self.kernels: list[Kernel] = []
+        self.tensors: dict[str, _Tensor] = {}
+        self.twins: dict[str, _Tensor] = {}
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.free: list[_Buf] = []
+        self.buf_of: dict[str, _Buf] = {}
+        self.reuse = reuse
+        self.model = model
+        self.layer = "embeddings"
+        self.nbuf = 0
+        self.gemm_templates: dict[tuple, list[tuple[Instruction, str | None]]] = {}
+        self.gemm_drains: dict[tuple, list[Instruction]] = {}
+
+    # ------------------------------------------------------------------ device memory
+    def const(self, name: str, data: np.ndarray) -> int:
+        raw = np.ascontiguousarray(data)
+        if raw.dtype == np.int32:
+            raw = raw.astype("<i4")
+        try:
+            addr = self.mem.allocate(name, raw.nbytes, "constant")
+        except OutOfDeviceMemory as exc:
+            raise LoweringError(f"constants do not fit: {exc}") from None
+        self.segments.append(Segment(name, addr, raw.tobytes()))
+        return addr
+
+    def scratch(self, value: str, size: int) -> _Buf:
+        size = -(-size // ALIGN) * ALIGN
+        if self.reuse:
+            fits = [b for b in self.free if b.size >= size]
+            if fits:
+                buf = min(fits, key=lambda b: b.size)
+                self.free.remove(buf)
+                return buf
+        try:
+            addr = self.mem.allocate(f"act{self.nbuf}", size, "scratch")
+        except OutOfDeviceMemory as exc:
+            raise LoweringError(f"activation {value!r} does not fit: {exc}") from None
+        self.nbuf += 1
+        return _Buf(f"act{self.nbuf - 1}", addr, size)
+
+    def new_tensor(self, value: str, rows: int, cols: int, esize: int, *, twin: bool = False) -> _Tensor:
+        buf = self.scratch(value, rows * cols * esize)
+        t = _Tensor(buf.address, rows, cols, esize)
+        (self.twins if twin else self.tensors)[value] = t
+        self.buf_of[value + ("#twin" if twin else "")] = buf
+        return t
+
+    def release(self, value: str) -> None:
+        for key in (value, value + "#twin"):
+            buf = self.buf_of.pop(key, None)
+            if buf is not None:
+                self.free.append(buf)
+
+    # ------------------------------------------------------------------ program
+    def emit_kernel(self, name: str, node: Node, body: list[Instruction], detail: str = "",
+                    drain: list[Instruction] | None = None) -> None:
+        body = body + (drain_tokens(body) if drain is None else drain) + [Instruction.make(Opcode.FENCE)]
+        self.kernels.append(Kernel(name, node.name if node is not None else "", node.op if node is not None else "",
+                                   self.layer, len(self.program), len(body), detail))
+        self.program += body
+
+    def fail(self, node: Node, msg: str):
+        raise LoweringError(f"node {node.name} ({node.op}): {msg}")
+
+    @staticmethod
+    def _rows(shape) -> tuple[int, int]:
+        return int(math.prod(shape[:-1])), int(shape[-1])
+
+    # ------------------------------------------------------------------ GEMM
+    def gemm(self, node: Node, *, M, N, K, a_addr, a_stride, b_addr, b_stride, out_addr, out_stride,
+             params_addr=None, output="int8", b_transposed=False) -> list[Instruction]:
+        """The GEMM kernel for these operands: a template (generated once per shape and
+        strides, with every operand at address 0) relocated to the operands' addresses."""
+        key = (M, N, K, output, a_stride, b_stride, out_stride, b_transposed)
+        tpl = self.gemm_templates.get(key)
+        if tpl is None:
+            tpl = self._gemm_template(node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed)
+            self.gemm_templates[key] = tpl
+            self.gemm_drains[key] = drain_tokens([ins for ins, _ in tpl])
+        self.last_drain = self.gemm_drains[key]
+        bases = {"a": a_addr, "b": b_addr, "out": out_addr, "params": params_addr or 0}
+        out = []
+        for ins, operand in tpl:
+            if operand is not None:
+                ins = _relocated(ins, ins.args["dram"] + bases[operand])
+            out.append(ins)
+        return out
+
+    def _gemm_template(self, node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed):
+        try:
+            plan = plan_gemm(self.cfg, M, N, K, output=output)
+        except GemmError as exc:
+            self.fail(node, str(exc))
+        if b_transposed and min(N, self.C) > self.R:
+            self.fail(node, f"a transposed weight tile of {min(N, self.C)} rows does not fit a "
+                            f"{self.R}-row B slot (non-square array)")
+        # B given as its transpose (rows of K): emit with B stride N, then rewrite each B tile
+        # load to read the tile's rows of B^T and preload it transposed.
+        prog = gemm_program(self.cfg, plan, a_addr=0, b_addr=0, out_addr=0, params_addr=0, a_stride=a_stride,
+                            b_stride=N if b_transposed else b_stride, out_stride=out_stride, halt=False)
+        slots = set(plan.sp_b)
+        R, C = self.R, self.C
+        tpl = []
+        for ins in prog:
+            operand = None
+            if ins.opcode == Opcode.STORE:
+                operand = "out"
+            elif ins.opcode == Opcode.LOAD:
+                if ins.mem == Mem.ACC:
+                    operand = "params"
+                elif ins.local in slots:
+                    operand = "b"
+                    if b_transposed:
+                        off = ins.dram
+                        t, j = off // (R * N), (off % (R * N)) // C
+                        k, n = ins.rows, ins.cols
+                        ins = Instruction(Opcode.LOAD, {**ins.args, "dram": j * C * b_stride + t * R, "rows": n,
+                                                        "cols": k, "stride": b_stride}, ins.wait, ins.signal)
+                else:
+                    operand = "a"
+            elif ins.opcode == Opcode.PRELOAD and b_transposed:
+                ins = Instruction(Opcode.PRELOAD, {**ins.args, "transpose": 1}, ins.wait, ins.signal)
+            tpl.append((ins, operand))
+        return tpl
+
+    def lower_linear(self, node: Node) -> None:
+        p = self.qg.linears[node.name]
+        x = self.tensor_in(node, node.inputs[0])
+        K, N = p.weight.shape
+        M = x.rows
+        w_addr = self.const(f"{node.name}.weight", p.weight.astype(np.int8))
+        params = np.zeros((2, N), dtype=np.int32)
+        params[0] = p.bias
+        params[1] = p.scale_words
+        p_addr = self.const(f"{node.name}.params", params)
+        out = self.new_tensor(node.outputs[0], M, N, 1)
+        body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address, a_stride=x.stride, b_addr=w_addr, b_stride=N,
+                         out_addr=out.address, out_stride=out.stride, params_addr=p_addr)
+        self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}", self.last_drain)
+
+    # ------------------------------------------------------------------ attention
+    def lower_attention(self, node: Node) -> None:
+        p = self.qg.attentions[node.name]
+        q, k, v = (self.tensor_in(node, i) for i in node.inputs[:3])
+        shape = self.g.shape(node.inputs[0])
+        if len(shape) != 3 or shape[0] != 1:
+            self.fail(node, f"only batch 1 is supported on the device (q is {list(shape)})")
+        H = node.attrs["num_heads"]
+        Sq, D = q.rows, q.cols
+        Skv = k.rows
+        dh, dv = D // H, v.cols // H
+        if self.C < 3:
+            self.fail(node, "softmax parameters need accumulator rows of at least 3 words")
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        rec = self.softmax_records[node.name]
+        ctx = self.new_tensor(node.outputs[0], Sq, v.cols, 1)
+        words = np.broadcast_to(np.asarray(p.scale_words, dtype=np.int64), (H * dv,))
+        params = np.zeros((H, 2, dv), dtype=np.int32)
+        params[:, 1, :] = words.reshape(H, dv)
+        pv_params = self.const(f"{node.name}.pv_params", params)
+        scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
+        probs = self.scratch(node.name + ".probs", Sq * Skv)
+        for h in range(H):
+            body = self.gemm(node, M=Sq, N=Skv, K=dh, a_addr=q.address + h * dh, a_stride=q.stride,
+                             b_addr=k.address + h * dh, b_stride=k.stride, out_addr=scores.address,
+                             out_stride=Skv * 4, output="int32", b_transposed=True)
+            self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"head {h}: q k^T {Sq}x{Skv}x{dh} (int32)",
+                             self.last_drain)
+            self.emit_kernel(f"{node.name}.h{h}.softmax", node,
+                             self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec),
+                             f"head {h}: softmax {Sq}x{Skv}" + (f", keys < {mask}" if mask else ""))
+            body = self.gemm(node, M=Sq, N=dv, K=Skv, a_addr=probs.address, a_stride=Skv,
+                             b_addr=v.address + h * dv, b_stride=v.stride, out_addr=ctx.address + h * dv,
+                             out_stride=ctx.stride, params_addr=pv_params + h * 2 * dv * 4)
+            self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
+        self.free += [scores, probs]
+
+    def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr) -> list[Instruction]:
+        n_acc = -(-Skv // self.E_acc)
+        n_sp = -(-Skv // self.E_sp)
+        m = self.chunk(node, Sq, acc_fixed=1, acc_per_row=n_acc, sp_per_row=n_sp, what=f"softmax over {Skv} keys")
+        prm, src = 0, 1
+        body = [_ld(Mem.ACC, prm, rec_addr, 1, 3, 0)]
+        for c, r0 in enumerate(range(0, Sq, m)):
+            mc = min(m, Sq - r0)
+            loads = [_ld(Mem.ACC, src + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
+                         min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
+            body += _tokens_first_last(loads, {V} if c else set(), {V})
+            vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
+                                    rows=mc, len=Skv, causal=0, unsigned=0)]
+            body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
+            stores = [_st(Mem.SP, s * mc, probs_addr + r0 * Skv + s * self.E_sp, mc,
+                          min(self.E_sp, Skv - s * self.E_sp), Skv) for s in range(n_sp)]
+            body += _tokens_first_last(stores, {V}, {V})
+        return body
+
+    # ------------------------------------------------------------------ vector kernels
+    def chunk(self, node, M, *, acc_fixed=0, acc_per_row=0, sp_fixed=0, sp_per_row=0, what="") -> int:
+        cfg = self.cfg
+        lim = [M, (1 << 16) - 1]
+        if acc_per_row:
+            lim.append((cfg.acc_rows - acc_fixed) // acc_per_row)
+        if sp_per_row:
+            lim.append((cfg.sp_rows - sp_fixed) // sp_per_row)
+        m = min(lim)
+        if m < 1 or acc_fixed > cfg.acc_rows or sp_fixed > cfg.sp_rows:
+            need_acc, need_sp = acc_fixed + acc_per_row, sp_fixed + sp_per_row
+            short = []
+            if need_acc > cfg.acc_rows:
+                short.append(f"accumulator needs {need_acc} rows for one token, has {cfg.acc_rows} "
+                             f"(short by {need_acc - cfg.acc_rows})")
+            if need_sp > cfg.sp_rows:
+                short.append(f"scratchpad needs {need_sp} rows for one token, has {cfg.sp_rows} "
+                             f"(short by {need_sp - cfg.sp_rows})")
+            self.fail(node, f"{what} does not fit configuration {cfg.name!r}: " + "; ".join(short))
+        n = -(-M // m)
+        return -(-M // n)  # even chunks
+
+    def load_slices(self, mem, local, t: _Tensor, r0, mc, E) -> list[Instruction]:
+        n = -(-t.cols // E)
+        return [_ld(mem, local + s * mc, t.address + r0 * t.stride + s * E * t.esize, mc, min(E, t.cols - s * E),
+                    t.stride) for s in range(n)]
+
+    def store_slices(self, mem, local, t: _Tensor, r0, mc, E) -> list[Instruction]:
+        n = -(-t.cols // E)
+        return [_st(mem, local + s * mc, t.address + r0 * t.stride + s * E * t.esize, mc, min(E, t.cols - s * E),
+                    t.stride) for s in range(n)]
+
+    def vec_source(self, node, name: str, src: VecIn) -> _Tensor:
+        if src.twin:
+            if name not in self.twins:
+                self.fail(node, f"no twin copy of {name!r}")
+            return self.twins[name]
+        return self.tensor_in(node, name)
+
+    def vector_kernel(self, node: Node, M: int, inputs: list[tuple[_Tensor, VecIn, str]],
+                      build: Callable, outputs: list[tuple[_Tensor, str]], param_rows_list: list[np.ndarray],
+                      extra_acc_per_row: int, detail: str) -> None:
+        """Generic chunked vector kernel.
+
+        ``inputs``: (tensor in device memory, how it is read, name) -> each lands as a
+        slice-major on-chip tensor: int8 direct in the scratchpad (E = sp row for ``vrow``
+        readers: ``direct_E``), int32 in the accumulator, or widened (int8 in the scratchpad
+        then ``vbin mul`` by the factor rows into the accumulator).
+        ``build(m, srcs, outs, tmp, params) -> [vector instructions]``: ``srcs`` (mem, row) per
+        input, ``outs`` (mem, row) per output, ``tmp`` first accumulator row of the
+        ``extra_acc_per_row * m`` scratch rows, ``params`` first accumulator row of each
+        parameter block. ``outputs``: (tensor, "sp" | "acc"): what gets stored.
+        """
+        C, Esp = self.E_acc, self.E_sp
+        consts = [self.const(f"{node.name}.param{i}", rows) for i, rows in enumerate(param_rows_list)]
+        fac_consts = []
+        widen = any(src.kind == "widen" for _, src, _ in inputs)
+        n_acc_fixed = sum(r.shape[0] for r in param_rows_list) + int(widen)
+        acc_per_row = extra_acc_per_row
+        sp_per_row = 0
+        for t, src, _ in inputs:
+            nsl = -(-t.cols // C)
+            if src.kind == "int32":
+                acc_per_row += nsl
+            elif src.kind == "widen":
+                acc_per_row += nsl  # factors, multiplied in place into the widened values
+                sp_per_row += nsl
+                fac_consts.append(self.const(f"{node.name}.factors{len(fac_consts)}", src.factors.astype(np.int32)))
+            else:
+                sp_per_row += nsl
+        for t, where in outputs:
+            if where == "sp":
+                sp_per_row += -(-t.cols // Esp)
+            else:
+                acc_per_row += -(-t.cols // C)
+        m = self.chunk(node, M, acc_fixed=n_acc_fixed, acc_per_row=acc_per_row, sp_per_row=sp_per_row,
+                       what=detail)
+        # on-chip layout (fixed for every chunk; a shorter last chunk uses the first rows)
+        params_at, row = [], 0
+        for rows in param_rows_list:
+            params_at.append(row)
+            row += rows.shape[0]
+        unit_row = row
+        acc_next, sp_next = row + int(widen), 0
+        lay_in = []
+        for t, src, _ in inputs:
+            nsl = -(-t.cols // C)
+            if src.kind == "int32":
+                lay_in.append(("acc", acc_next, None, None))
+                acc_next += nsl * m
+            elif src.kind == "widen":
+                lay_in.append(("widen", acc_next, sp_next, acc_next))  # values (= factors), int8, factors
+                acc_next += nsl * m
+                sp_next += nsl * m
+            else:
+                lay_in.append(("sp", sp_next, None, None))
+                sp_next += nsl * m
+        lay_out = []
+        for t, where in outputs:
+            if where == "sp":
+                lay_out.append(("sp", sp_next))
+                sp_next += -(-t.cols // Esp) * m
+            else:
+                lay_out.append(("acc", acc_next))
+                acc_next += -(-t.cols // C) * m
+        tmp = acc_next
+        unit = self.const(f"{node.name}.unit", param_rows([UNIT_WORD], C)) if widen else None
+        body = [_ld(Mem.ACC, params_at[i], consts[i], rows.shape[0], C, C * 4)
+                for i, rows in enumerate(param_rows_list)]
+        if unit is not None:
+            body.append(_ld(Mem.ACC, unit_row, unit, 1, C, C * 4))
+        for c, r0 in enumerate(range(0, M, m)):
+            mc = min(m, M - r0)
+            loads = []
+            fi = 0
+            for (t, src, _), lay in zip(inputs, lay_in):
+                if lay[0] == "acc":
+                    loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C)
+                elif lay[0] == "widen":
+                    loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C)
+                    nsl = -(-t.cols // C)  # the factor row of each slice, repeated down the chunk
+                    loads += [_ld(Mem.ACC, lay[3] + s * mc, fac_consts[fi] + s * C * 4, mc,
+                                  min(C, t.cols - s * C), 0) for s in range(nsl)]
+                    fi += 1
+                else:
+                    loads += self.load_slices(Mem.SP, lay[1], t, r0, mc, C)
+            body += _tokens_first_last(loads, {V} if c else set(), {V})
+            vec = []
+            srcs = []
+            for (t, src, _), lay in zip(inputs, lay_in):
+                nsl = -(-t.cols // C)
+                if lay[0] == "widen":
+                    vec.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.SP, a=lay[2], b_mem=Mem.ACC,
+                                                b=lay[3], dst_mem=Mem.ACC, dst=lay[1], param=unit_row,
+                                                rows=nsl * mc))
+                    srcs.append((Mem.ACC, lay[1]))
+                elif lay[0] == "acc":
+                    srcs.append((Mem.ACC, lay[1]))
+                else:
+                    srcs.append((Mem.SP, lay[1]))
+            outs = [(Mem.SP if w == "sp" else Mem.ACC, a) for w, a in lay_out]
+            vec += build(mc, srcs, outs, tmp, params_at)
+            body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
+            stores = []
+            for (t, where), (w, a) in zip(outputs, lay_out):
+                stores += self.store_slices(Mem.SP if w == "sp" else Mem.ACC, a, t, r0, mc,
+                                            Esp if w == "sp" else C)
+            body += _tokens_first_last(stores, {V}, {V})
+        self.emit_kernel(node.name, node, body, f"{detail}, {-(-M // m)} chunks of {m} rows")
+
+    def norm_params(self, p) -> np.ndarray:
+        C = self.E_acc
+        L_ = p.gain.size
+        n = -(-L_ // C)
+        out = np.zeros((1 + 2 * n, C), dtype=np.int32)
+        out[0, 0] = p.shift
+        g = np.zeros(n * C, np.int32)
+        g[:L_] = p.gain
+        b = np.zeros(n * C, np.int32)
+        b[:L_] = p.bias
+        out[1:1 + n] = g.reshape(n, C)
+        out[1 + n:] = b.reshape(n, C)
+        return out
+
+    def lower_layernorm(self, node: Node) -> None:
+        p = self.qg.norms[node.name]
+        x = self.vec_source(node, node.inputs[0], p.src)
+        M, D = x.rows, x.cols
+        o = node.outputs[0]
+        outs = [(self.out_tensor(o, M, D, 1), "sp")]
+        params = [self.norm_params(p)]
+        if p.twin is not None:
+            outs.append((self.new_tensor(o, M, D, 1, twin=True), "sp"))
+            params.append(self.norm_params(p.twin))
+
+        def build(m, srcs, outs_, tmp, prm):
+            (mem, a), = srcs
+            return [Instruction.make(Opcode.VROW, func="layernorm", src_mem=mem, src=a, dst=dst, param=prm[i],
+                                     rows=m, len=D) for i, (_, dst) in enumerate(outs_)]
+
+        self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, outs, params, 0,
+                           f"layernorm {M}x{D} from {p.src.kind}" + (" (+ twin)" if p.twin is not None else ""))
+
+    def lower_gelu(self, node: Node) -> None:
+        p = self.qg.gelus[node.name]
+        x = self.vec_source(node, node.inputs[0], p.src)
+        M, D = x.rows, x.cols
+        C = self.E_acc
+        nsl = -(-D // C)
+        o = node.outputs[0]
+        out = self.out_tensor(o, M, D, 1)
+        per_channel = p.requant_words is not None
+        params = [param_rows([p.word_in, p.word_out], C)]
+        if per_channel:
+            rq = np.zeros((2 * nsl, C), dtype=np.int32)  # per slice: bias row (0), scale-word row
+            words = np.zeros(nsl * C, np.int64)
+            words[:D] = np.broadcast_to(p.requant_words, (D,))
+            rq[1::2] = words.reshape(nsl, C)
+            params.append(rq)
+
+        def build(m, srcs, outs_, tmp, prm):
+            (mem, a), = srcs
+            (_, dst), = outs_
+            if not per_channel:
+                return [Instruction.make(Opcode.VMAP, func="gelu", src_mem=mem, src=a, dst_mem=Mem.SP, dst=dst,
+                                         param=prm[0], rows=nsl * m)]
+            mid = a if mem == Mem.ACC else tmp  # int32 input: GELU in place
+            ins = [Instruction.make(Opcode.VMAP, func="gelu", src_mem=mem, src=a, dst_mem=Mem.ACC, dst=mid,
+                                    param=prm[0], rows=nsl * m)]
+            ins += [Instruction.make(Opcode.REQUANT, src=mid + s * m, dst=dst + s * m, rows=m, param=prm[1] + 2 * s)
+                    for s in range(nsl)]
+            return ins
+
+        self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, [(out, "sp")], params,
+                           nsl if per_channel and p.src.kind == "int8" else 0,
+                           f"gelu {M}x{D} from {p.src.kind}" + (", per-channel requant" if per_channel else ""))
+
+    def lower_add(self, node: Node) -> None:
+        p = self.qg.adds[node.name]
+        a = self.vec_source(node, node.inputs[0], p.a)
+        b = self.vec_source(node, node.inputs[1], p.b)
+        M, D = a.rows, a.cols
+        C = self.E_acc
+        nsl = -(-D // C)
+        wide = p.output == "int32"
+        out = self.out_tensor(node.outputs[0], M, D, 4 if wide else 1)
+
+        def build(m, srcs, outs_, tmp, prm):
+            (am, aa), (bm, ba) = srcs
+            (om, oa), = outs_
+            return [Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=bm, b=ba, dst_mem=om, dst=oa,
+                                     param=prm[0], rows=nsl * m)]
+
+        self.vector_kernel(node, M, [(a, p.a, node.inputs[0]), (b, p.b, node.inputs[1])], build,
+                           [(out, "acc" if wide else "sp")], [param_rows([p.word_a, p.word_b], C)], 0,
+                           f"add {M}x{D} ({p.a.kind} + {p.b.kind} -> {p.output})")
+
+    # ------------------------------------------------------------------ tensors
+    def tensor_in(self, node: Node, name: str) -> _Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            self.fail(node, f"input {name!r} is not on the device")
+        return t
+
+    def out_tensor(self, name: str, rows: int, cols: int, esize: int) -> _Tensor:
+        if name in self.graph_outputs:
+            return self.tensors[name]
+        return self.new_tensor(name, rows, cols, esize)
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> Bundle:
+        g, qg, cfg = self.g, self.qg, self.cfg
+        device_nodes = [n for n in g.nodes if n.device == "device"]
+        handlers = {"Linear": self.lower_linear, "Attention": self.lower_attention,
+                    "LayerNorm": self.lower_layernorm, "Gelu": self.lower_gelu, "Add": self.lower_add}
+        if self.E_sp != self.E_acc:
+            raise LoweringError(f"configuration {cfg.name!r}: the vector kernels need scratchpad rows as wide as "
+                                f"accumulator rows ({self.E_sp} vs {self.E_acc}; a non-square array)")
+        for n in device_nodes:
+            if n.op not in handlers:
+                raise LoweringError(f"node {n.name} (op {n.op}): no device lowering for {n.op} "
+                                    f"(lowered ops: {', '.join(handlers)})")
+            if n.op == "Add" and n.name not in qg.adds:
+                raise LoweringError(f"node {n.name} (op Add): not quantized for the device")
+        # ---- inputs (what the host computes) and outputs
+        kv_values = [k for k, (kind, _) in qg.device_inputs.items() if kind == "kv_len"]
+        self.kv_inputs = {}
+        for name, (kind, scale) in qg.device_inputs.items():
+            if kind == "kv_len":
+                spec_name = kv_len_input_name(name, len(kv_values))
+                addr = self.mem.allocate(spec_name, 4, "input")
+                self.inputs.append(TensorSpec.dense(spec_name, (1,), "int32", addr))
+                self.kv_inputs[name] = addr
+                continue
+            M, D = self._rows(g.shape(name))
+            es = 4 if kind == "int32" else 1
+            addr = self.mem.allocate(name, M * D * es, "input")
+            self.inputs.append(TensorSpec.dense(name, (M, D), kind, addr, scale=float(scale)))
+            self.tensors[name] = _Tensor(addr, M, D, es)
+        self.graph_outputs = set()
+        for o in g.outputs:
+            prod = g.producers().get(o.name)
+            if prod is None or prod.device != "device":
+                raise LoweringError(f"graph output {o.name!r} is not computed on the device")
+            s = qg.act_scales.get(o.name)
+            if isinstance(s, np.ndarray) or s is None:
+                raise LoweringError(f"graph output {o.name!r} needs one int8 scale")
+            M, D = self._rows(o.shape)
+            addr = self.mem.allocate(o.name, M * D, "output")
+            self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int8", addr, scale=float(s)))
+            self.tensors[o.name] = _Tensor(addr, M, D, 1)
+            self.graph_outputs.add(o.name)
+        # ---- softmax parameter records: [scale word, kv_len (copied in by the prologue), 0]
+        attns = [n for n in device_nodes if n.op == "Attention"]
+        self.softmax_records = {}
+        if attns:
+            rec = np.zeros((len(attns), ALIGN // 4), dtype=np.int32)
+            for i, n in enumerate(attns):
+                rec[i, 0] = qg.attentions[n.name].softmax_word
+                mask = n.inputs[3] if len(n.inputs) > 3 else None
+                if mask is None:
+                    rec[i, 1] = g.shape(n.inputs[1])[1]
+            base = self.const("softmax_records", rec)
+            for i, n in enumerate(attns):
+                self.softmax_records[n.name] = base + i * ALIGN
+            # prologue: copy each sequence length into the records that use it
+            body = []
+            for value, addr in self.kv_inputs.items():
+                users = [i for i, n in enumerate(attns) if len(n.inputs) > 3 and n.inputs[3] == value]
+                if not users:
+                    continue
+                if users != list(range(users[0], users[-1] + 1)):
+                    for i in users:
+                        body += [_ld(Mem.ACC, 0, addr, 1, 1, 0, signal=[S]),
+                                 _st(Mem.ACC, 0, base + i * ALIGN + 4, 1, 1, 0, wait=[L], signal=[L]),
+                                 Instruction.make(Opcode.TOKEN, queue=L, wait=[S])]
+                    continue
+                body.append(_ld(Mem.ACC, 0, addr, len(users), 1, 0, signal=[S]))
+                body.append(_st(Mem.ACC, 0, base + users[0] * ALIGN + 4, len(users), 1, ALIGN, wait=[L]))
+            if body:
+                self.emit_kernel("prologue.valid_len", None, body, "copy valid_len into the softmax records")
+        # ---- layers: an Attention's layer starts at the first producer of its q/k/v
+        prod = g.producers()
+        starts = {}
+        for i, n in enumerate(attns):
+            first = min(device_nodes.index(prod[x]) for x in n.inputs[:3] if x in prod and prod[x] in device_nodes)
+            starts[device_nodes[first].name] = f"layer{i}"
+        # ---- lifetimes
+        last_use = {}
+        for idx, n in enumerate(device_nodes):
+            for i in n.inputs:
+                if i is not None:
+                    last_use[i] = idx
+        for idx, n in enumerate(device_nodes):
+            if n.name in starts:
+                self.layer = starts[n.name]
+            handlers[n.op](n)
+            for i in set(x for x in n.inputs if x is not None):
+                if last_use.get(i) == idx and i not in self.graph_outputs and i not in qg.device_inputs:
+                    self.release(i)
+        self.program.append(Instruction.make(Opcode.HALT))
+        try:
+            prog_addr = self.mem.allocate("program", len(self.program) * INSTR_BYTES, "program")
+        except OutOfDeviceMemory as exc:
+            raise LoweringError(f"program does not fit: {exc}") from None
+        layers: dict[str, list[int]] = {}
+        for k in self.kernels:
+            r = layers.setdefault(k.layer, [k.first, k.first + k.count])
+            r[0], r[1] = min(r[0], k.first), max(r[1], k.first + k.count)
+        meta = {
+            "model": self.model,
+            "kernels": [k.to_json() for k in self.kernels],
+            "layers": {k: {"first": a, "count": b - a} for k, (a, b) in layers.items()},
+            "instructions": len(self.program),
+            "host_inputs": {s.name: (qg.device_inputs.get(s.name, ("kv_len", None))[0]) for s in self.inputs},
+            "kv_len_inputs": {kv_len_input_name(v, len(kv_values)): v for v in kv_values},
+        }
+        return Bundle.for_config(cfg, program=self.program, program_address=prog_addr, segments=self.segments,
+                                 inputs=self.inputs, outputs=self.outputs, regions=self.mem.regions, metadata=meta)
+
+
+def lower(qg: QuantizedGraph, config: AcceleratorConfig, *, model: str = "", metadata: dict | None = None,
+          reuse_buffers: bool = True) -> Bundle:
+    """Lower a quantized graph to a bundle for ``config`` (see the module docstring).
+
+    Raises :class:`LoweringError` naming the node for an op with no device lowering or an
+    operand that does not fit the on-chip memories, and for device memory that is too small.
+    """
+    bundle = _Lowerer(qg, config, model=model, reuse=reuse_buffers).run()
+    bundle.metadata.update(metadata or {})
+    return bundle
+
+
+def listing(bundle: Bundle) -> str:
+    """A readable program listing: kernels grouped by layer, each instruction with its index."""
+    lines = [f"# {bundle.metadata.get('model', '')} for {bundle.config_name} "
+             f"({len(bundle.program)} instructions)"]
+    for k in bundle.metadata.get("kernels", []):
+        lines.append("")
+        lines.append(f"# [{k['layer']}] {k['name']} ({k['op'] or 'prologue'}): {k['detail']}; "
+                     f"instructions {k['first']}..{k['first'] + k['count'] - 1}")
+        for i in range(k["first"], k["first"] + k["count"]):
+            lines.append(f"{i:7d}  {format_instruction(bundle.program[i])}")
+    lines.append(f"{len(bundle.program) - 1:7d}  {format_instruction(bundle.program[-1])}")
+    return "\n".join(lines) + "\n"

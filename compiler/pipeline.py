@@ -1,0 +1,154 @@
+"""The compiler's stages in one place: ONNX -> IR -> calibration -> quantization -> lowering ->
+bundle, and the host side of running a compiled model (prologue in, epilogue out).
+
+:func:`compile_onnx` is what ``weft compile`` runs; :func:`host_inputs` computes a bundle's
+inputs from the model's own inputs (the host ops of the graph: embedding gathers and sums,
+attention-mask preparation), :func:`device_outputs` turns the bundle's int8 outputs back into
+real numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from weft.hw.bundle import Bundle
+from weft.hw.config import AcceleratorConfig
+
+from .frontend import import_onnx
+from .ir import Graph
+from .lower import lower
+from .quantize import Calibrator, QuantizedGraph, quantize
+from .reference import float_kernel, key_lengths
+
+__all__ = ["limit_blas_threads", "CompileResult", "quantize_for_device", "compile_onnx", "compile_graph", "host_graph", "host_inputs", "device_outputs",
+           "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA"]
+
+#: Calibration defaults (see docs/compiler.md for the measurements behind them).
+DEFAULT_METHOD = "max"
+DEFAULT_ALPHA = 0.3  # per-channel smoothing of tensors a Linear reads (folded into its weights)
+DEFAULT_VECTOR_ALPHA = 0.6  # per-channel scales of tensors only vector ops read (widened to int32)
+
+
+def limit_blas_threads(threads: int = 1) -> bool:
+    """Best effort: cap numpy's OpenBLAS thread pool (as threadpoolctl would). The compiler's
+    matrices are small; on a shared, loaded machine a multi-threaded BLAS spins and runs them
+    10-30x slower than one thread (measured on the 2-core development machine). Returns
+    whether a BLAS library was found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return False
+    done = False
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(int(threads))
+                done = True
+                break
+    return done
+
+
+@dataclass
+class CompileResult:
+    graph: Graph
+    qgraph: QuantizedGraph
+    bundle: Bundle
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]], *, method: str = DEFAULT_METHOD,
+                        alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA) -> QuantizedGraph:
+    """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
+    cal = Calibrator(graph)
+    for feeds in batches:
+        cal.add(feeds)
+    scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
+    return quantize(graph, scales, method=method,
+                    channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
+                    vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
+                    amax=cal.amax)
+
+
+def compile_graph(graph: Graph, config: AcceleratorConfig, batches, *, model: str = "",
+                  progress: Callable[[str, float], None] | None = None, **qopts) -> CompileResult:
+    timings: dict[str, float] = {}
+
+    def stage(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t
+        if progress:
+            progress(name, timings[name])
+        return out
+
+    qg = stage("calibrate + quantize", lambda: quantize_for_device(graph, batches, **qopts))
+    bundle = stage("lower", lambda: lower(qg, config, model=model))
+    return CompileResult(graph, qg, bundle, timings)
+
+
+def compile_onnx(path, config: AcceleratorConfig, batches, *, model: str = "",
+                 progress: Callable[[str, float], None] | None = None, **qopts) -> CompileResult:
+    """``path`` (ONNX) -> :class:`CompileResult` for ``config``. ``batches``: calibration feeds
+    (a list, or a callable taking the imported graph and returning them)."""
+    t = time.perf_counter()
+    graph = import_onnx(path)
+    dt = time.perf_counter() - t
+    if progress:
+        progress("import ONNX", dt)
+    if callable(batches):
+        batches = batches(graph)
+    result = compile_graph(graph, config, batches, model=model, progress=progress, **qopts)
+    result.timings = {"import ONNX": dt, **result.timings}
+    return result
+
+
+def host_graph(graph: Graph) -> Graph:
+    """The host part of ``graph``: its inputs, host nodes and the constants they read (the
+    embedding tables), enough for :func:`host_inputs` without the ONNX file."""
+    nodes = [n for n in graph.nodes if n.device == "host"]
+    used = {i for n in nodes for i in n.inputs if i is not None}
+    values = {k: v for k, v in graph.values.items() if k in used or any(k in n.outputs for n in nodes)}
+    return Graph(inputs=list(graph.inputs), outputs=[], nodes=nodes, values=values,
+                 consts={k: v for k, v in graph.consts.items() if k in used}, opset=graph.opset)
+
+
+def host_inputs(graph: Graph, feeds: Mapping[str, np.ndarray], bundle: Bundle) -> dict[str, np.ndarray]:
+    """Run the host nodes of ``graph`` (the full graph or :func:`host_graph`) on the model's
+    ``feeds`` and return the bundle's inputs: float tensors (the bundle's input specs
+    quantize them) and the per-sequence valid key count (int32)."""
+    env = {}
+    for v in graph.inputs:
+        if v.name not in feeds:
+            raise KeyError(f"missing model input {v.name!r} (inputs: {[i.name for i in graph.inputs]})")
+        env[v.name] = np.asarray(feeds[v.name]).astype(v.dtype, copy=False)
+    env.update(graph.consts)
+    for n in graph.nodes:
+        if n.device != "host":
+            continue
+        env[n.outputs[0]] = float_kernel(n, [env[i] if i is not None else None for i in n.inputs])
+    kv = bundle.metadata.get("kv_len_inputs", {})
+    out = {}
+    for spec in bundle.inputs:
+        if spec.name in kv:
+            mask = env[kv[spec.name]]
+            out[spec.name] = key_lengths(mask, 1, np.shape(mask)[-1]).astype(np.int32)[:1]
+        else:
+            out[spec.name] = np.asarray(env[spec.name], dtype=np.float64).reshape(spec.shape)
+    return out
+
+
+def device_outputs(bundle: Bundle, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The bundle's integer outputs as real numbers (float32), in their graph shapes."""
+    return {s.name: s.dequantize(outputs[s.name]).astype(np.float32) for s in bundle.outputs}
