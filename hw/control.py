@@ -191,7 +191,8 @@ class Controller(wiring.Component):
                 self.head_valid[q].eq(qf.r_rdy),
                 self.wait_blocked[q].eq(qf.r_rdy & (missing != 0)),
                 self.signal_blocked[q].eq(qf.r_rdy & (full != 0)),
-                self.waiting_for[q].eq(missing),
+                # no head instruction: nothing is awaited (hdr is an empty FIFO's stale output)
+                self.waiting_for[q].eq(Mux(qf.r_rdy, missing, 0)),
             ]
             # Completion: the oldest issued instruction retires when it is a TOKEN, or
             # when the unit has reported one more completion than already retired.

@@ -640,7 +640,8 @@ class VectorUnit(wiring.Component):
             rq_ready.eq(~busy & ~eng.busy),
             eng.issue.valid.eq(self.issue.valid & ~is_rq & ~busy),
             eng.issue.payload.eq(self.issue.payload),
-            self.issue.ready.eq(Mux(is_rq, rq_ready, eng.issue.ready & ~busy)),
+            # gated by valid: `is_rq` decodes the payload, undefined while nothing is offered
+            self.issue.ready.eq(self.issue.valid & Mux(is_rq, rq_ready, eng.issue.ready & ~busy)),
             self.complete.eq(rq_complete | eng.complete),
             self.error.eq(eng.error),
             self.acc_read.valid.eq(rq_acc_valid | eng.acc_read.valid),

@@ -13,10 +13,11 @@ What :func:`run_bench` does:
 1. converts the component to Verilog with ``amaranth.back.verilog`` (no ``src``
    attributes, so moving Python lines does not force a rebuild);
 2. builds it with cocotb's Python runner (``cocotb_tools.runner``), Verilator by default
-   or Icarus, with ``timescale=("1ns", "1ps")``, in a cache folder keyed by a hash of the
-   Verilog, the simulator and its version and the build arguments. A rerun with unchanged
-   RTL reuses the build; concurrent pytest-xdist workers that need the same build wait
-   for one another on a file lock, workers with different builds run in parallel;
+   or Icarus (as Verilog-2005: :data:`ICARUS_ARGS`), with ``timescale=("1ns", "1ps")``,
+   in a cache folder keyed by a hash of the Verilog, the simulator and its version and
+   the build arguments. A rerun with unchanged RTL reuses the build; concurrent
+   pytest-xdist workers that need the same build wait for one another on a file lock,
+   workers with different builds run in parallel;
 3. runs the bench module's ``@cocotb.test()`` functions in a private run folder. The
    ``params`` mapping reaches the bench as JSON: :func:`weft.sim.benchlib.params` reads it
    (through the ``WEFT_BENCH_PARAMS`` environment variable, which names the file);
@@ -51,6 +52,7 @@ __all__ = [
     "RtlBenchFailure",
     "BenchResult",
     "VERILATOR_WAIVERS",
+    "ICARUS_ARGS",
     "cache_root",
     "to_verilog",
     "build",
@@ -78,6 +80,18 @@ VERILATOR_WAIVERS = (
     "-Wno-WIDTHCONCAT",
     "-Wno-CASEINCOMPLETE",
 )
+
+#: Icarus compiles the Verilog as Verilog-2005, after cocotb's own ``-g2012`` (the last
+#: ``-g`` wins). Amaranth's Verilog is Yosys ``write_verilog`` output in Verilog-2005 (not
+#: SystemVerilog): each ``always @*`` block reads a dummy ``reg ... = 0`` so that the
+#: initialiser's time-0 event runs the block once (Yosys PR 2273). Under ``-g2012`` Icarus
+#: applies declaration initialisers before time 0 without an event, so a combinational
+#: block whose inputs do not change after reset stays X (for example the DMA's
+#: ``rd_data.valid`` until the first read, and next-state logic that then loads X into
+#: registers). Verilator evaluates every block at start-up and has no such problem.
+#: (cocotb's wave-dump module for Icarus uses SystemVerilog ``string``; :func:`build` does
+#: not compile it.)
+ICARUS_ARGS = ("-g2005",)
 
 _TIMESCALE = ("1ns", "1ps")
 _run_counter = itertools.count()
@@ -200,6 +214,8 @@ def build(verilog_text: str, *, name: str = "top", simulator: str = "verilator",
     if simulator == "verilator":
         args = [*VERILATOR_WAIVERS, *args]
         make_vars = dict(VERILATOR_CXX_OPT if cxx_opt is None else cxx_opt)
+    else:
+        args = [*ICARUS_ARGS, *args]
     key = _build_key(verilog_text, simulator, name, [*args, *sorted(make_vars.items())])
     build_dir = cache_root() / f"{name}-{simulator}-{key}"
     marker = build_dir / "weft_build.json"
