@@ -161,6 +161,19 @@ class TensorSpec:
             raise BundleError(f"tensor {self.name!r} at 0x{self.address:x} (+{self.span} bytes) lies outside "
                               f"device memory of {memory.size} bytes")
 
+    def stored(self, value: np.ndarray) -> np.ndarray:
+        """A user's value as this tensor's stored integers: floats are quantized with the
+        tensor's scale; integers are range-checked and cast."""
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            return self.quantize(value)
+        if value.dtype != self.np_dtype:
+            info = np.iinfo(self.np_dtype)
+            if value.size and (value.min() < info.min or value.max() > info.max):
+                raise BundleError(f"tensor {self.name!r}: values outside {self.dtype}")
+            value = value.astype(self.np_dtype)
+        return value
+
     def quantize(self, real: np.ndarray) -> np.ndarray:
         """Real values to this tensor's integers: round half to even, saturate."""
         if self.scale is None:

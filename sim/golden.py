@@ -614,15 +614,7 @@ def run_bundle(bundle: Bundle, inputs: Mapping[str, np.ndarray], config: Acceler
         machine.write(segment.address, segment.data)
     machine.write(bundle.program_address, bundle.program_bytes)
     for spec in bundle.inputs:
-        value = np.asarray(inputs[spec.name])
-        if np.issubdtype(value.dtype, np.floating):
-            value = spec.quantize(value)
-        elif value.dtype != spec.np_dtype:
-            info = np.iinfo(spec.np_dtype)
-            if value.size and (value.min() < info.min or value.max() > info.max):
-                raise BundleError(f"input {spec.name!r}: values outside {spec.dtype}")
-            value = value.astype(spec.np_dtype)
-        spec.write_to(machine.memory, value)
+        spec.write_to(machine.memory, spec.stored(inputs[spec.name]))
     program = machine.fetch_program(bundle.program_address, len(bundle.program))
     stats = machine.run(program)
     outputs = {spec.name: spec.read_from(machine.memory) for spec in bundle.outputs}

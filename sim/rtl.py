@@ -54,6 +54,8 @@ __all__ = [
     "VERILATOR_WAIVERS",
     "ICARUS_ARGS",
     "cache_root",
+    "file_lock",
+    "log_tail",
     "to_verilog",
     "build",
     "run_bench",
@@ -133,7 +135,8 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed): one builder per cache entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -143,7 +146,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _tail(path: Path, lines: int = 60) -> str:
+def log_tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a log, for error messages."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -219,7 +223,7 @@ def build(verilog_text: str, *, name: str = "top", simulator: str = "verilator",
     key = _build_key(verilog_text, simulator, name, [*args, *sorted(make_vars.items())])
     build_dir = cache_root() / f"{name}-{simulator}-{key}"
     marker = build_dir / "weft_build.json"
-    with _locked(build_dir.with_suffix(".lock")):
+    with file_lock(build_dir.with_suffix(".lock")):
         if marker.exists():
             return build_dir, False, 0.0
         if build_dir.exists():  # an earlier build died half-way
@@ -235,7 +239,7 @@ def build(verilog_text: str, *, name: str = "top", simulator: str = "verilator",
                 runner.build(sources=[source], hdl_toplevel=name, build_dir=build_dir, build_args=args,
                              timescale=_TIMESCALE, always=True, log_file=log)
         except (RuntimeError, SystemExit, OSError) as exc:
-            raise RtlBuildError(f"{simulator} build of {name} failed ({exc}); log {log}:\n{_tail(log)}") from None
+            raise RtlBuildError(f"{simulator} build of {name} failed ({exc}); log {log}:\n{log_tail(log)}") from None
         elapsed = time.monotonic() - t0
         marker.write_text(json.dumps({"simulator": simulator, "toplevel": name, "build_s": round(elapsed, 2),
                                       "build_args": args, "make": make_vars}, indent=1))
@@ -335,5 +339,5 @@ def run_bench(component: Any, bench: str | os.PathLike, *, params: Mapping[str, 
         failure = f"no cocotb tests ran (module {module}, testcase {testcase!r})"
     if failed or failure:
         what = f"failed cocotb tests: {', '.join(failed)}" if failed else failure
-        raise RtlBenchFailure(f"{module} on {simulator}: {what}\nlog {log}:\n{_tail(log, 80)}")
+        raise RtlBenchFailure(f"{module} on {simulator}: {what}\nlog {log}:\n{log_tail(log, 80)}")
     return result

@@ -26,7 +26,6 @@ tail of the twin's log), never hangs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -40,10 +39,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import toolchain
-from ..rtl import VERILATOR_WAIVERS
+from ..rtl import VERILATOR_WAIVERS, file_lock, log_tail
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -164,24 +163,6 @@ class TwinBuild:
     top: str
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
-
-
 def _trace_format(trace: bool | str) -> str:
     if trace is False or trace is None or trace == "":
         return ""
@@ -228,7 +209,7 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
     directory = cache_root() / key
     exe = directory / "obj_dir" / "twin_sim"
     marker = directory / "weft_twin.json"
-    with _locked(directory.with_suffix(".lock")):
+    with file_lock(directory.with_suffix(".lock")):
         if marker.exists() and exe.exists():
             return TwinBuild(exe, directory, False, 0.0, trace, top)
         if directory.exists():  # an earlier build died half-way
@@ -264,10 +245,10 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
                                       timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 raise TwinBuildError(f"twin build of {top} took longer than {timeout_s:.0f} s; log {log}:\n"
-                                     f"{_tail(log)}") from None
+                                     f"{log_tail(log)}") from None
         elapsed = time.monotonic() - t0
         if proc.returncode != 0 or not exe.exists():
-            raise TwinBuildError(f"twin build of {top} failed (exit {proc.returncode}); log {log}:\n{_tail(log)}")
+            raise TwinBuildError(f"twin build of {top} failed (exit {proc.returncode}); log {log}:\n{log_tail(log)}")
         marker.write_text(json.dumps({**options, "build_s": round(elapsed, 2)}, indent=1))
         return TwinBuild(exe, directory, True, elapsed, trace, top)
 
@@ -355,7 +336,7 @@ class TwinClient:
     def _log_text(self) -> str:
         if self.log is None:
             return ""
-        tail = _tail(self.log, 15).strip()
+        tail = log_tail(self.log, 15).strip()
         return f"; twin log {self.log}:\n{tail}" if tail else ""
 
     def _fail(self, what: str, op: int, exc: Exception | None) -> TwinError:

@@ -237,14 +237,7 @@ class Device:
 
     def write_tensor(self, spec: TensorSpec, value: np.ndarray) -> None:
         """Store one tensor (already quantized to ``spec.dtype``) where ``spec`` says."""
-        value = np.asarray(value)
-        if np.issubdtype(value.dtype, np.floating):
-            value = spec.quantize(value)
-        elif value.dtype != spec.np_dtype:
-            info = np.iinfo(spec.np_dtype)
-            if value.size and (value.min() < info.min or value.max() > info.max):
-                raise BundleError(f"tensor {spec.name!r}: values outside {spec.dtype}")
-            value = value.astype(spec.np_dtype)
+        value = spec.stored(value)
         span = spec.span
         if span == 0:
             return
