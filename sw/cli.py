@@ -118,6 +118,8 @@ def cmd_run(args) -> int:
     config = _bundle_config(bundle, args.config)
     bundle.check_config(config)
     inputs = _parse_inputs(args.inputs or [])
+    if args.device == "sim":
+        return _run_sim(args, bundle, config, inputs)
     start = time.perf_counter()
     outputs, stats = run_bundle(bundle, inputs, config)
     elapsed = time.perf_counter() - start
@@ -131,6 +133,36 @@ def cmd_run(args) -> int:
         if out_dir:
             np.save(out_dir / f"{spec.name}.npy", value)
     return EXIT_OK
+
+
+def _run_sim(args, bundle, config, inputs) -> int:
+    """``weft run --device sim``: the core in the Verilator twin, checked against the bit-exact model."""
+    from weft.sim.twin import TwinError
+    from weft.sw.driver import DriverError, TransportError
+    from weft.sw.hil import HilSession, compare_with_golden
+
+    start = time.perf_counter()
+    try:
+        with HilSession(config, target="twin") as session:
+            print(f"twin of the {config.name} core ready in {session.launch_s:.1f} s")
+            report = compare_with_golden(bundle, inputs, config, session=session,
+                                         watchdog_cycles=args.watchdog, timeout_s=args.timeout)
+    except (DriverError, TransportError, TwinError) as exc:
+        print(f"weft: run on the twin failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    elapsed = time.perf_counter() - start
+    print(f"ran {args.bundle} on sim ({config.name}) in {elapsed:.2f} s ({report.wall_s:.2f} s on the twin): "
+          f"{report.summary()}")
+    print(report.performance.summary())
+    out_dir = Path(args.outputs) if args.outputs else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for spec in bundle.outputs:
+        value = report.outputs[spec.name]
+        print(f"  {spec.name}: {spec.dtype}{list(spec.shape)} min {value.min()} max {value.max()}")
+        if out_dir:
+            np.save(out_dir / f"{spec.name}.npy", value)
+    return EXIT_OK if report.identical else EXIT_FAILED
 
 
 def cmd_gemm(args) -> int:
@@ -526,8 +558,7 @@ def _minilm_bundle(config, seq_len: int, show):
 
 
 def cmd_embed(args) -> int:
-    from weft.compiler.pipeline import device_outputs, host_inputs, limit_blas_threads
-    from weft.sim.golden import run_bundle
+    from weft.compiler.pipeline import limit_blas_threads
     from weft.sw.models.minilm import CheckpointError
 
     config = _load_config(args.config)
@@ -538,13 +569,40 @@ def cmd_embed(args) -> int:
         model, bundle, host = _minilm_bundle(config, args.seq_len, show)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
-    status = EXIT_OK
+    session = None
+    if args.device == "sim":
+        from weft.sw.hil import HilSession
+
+        session = HilSession(config, target="twin")
+        show("twin", session.launch_s, f"the {config.name} core in the Verilator twin")
+    try:
+        status = _embed_sentences(args, model, bundle, host, session)
+    finally:
+        if session is not None:
+            session.close()
+    return status
+
+
+def _embed_sentences(args, model, bundle, host, session) -> int:
+    from weft.compiler.pipeline import device_outputs, host_inputs
+    from weft.sim.golden import run_bundle
+
+    config = _load_config(args.config)
     for sentence in args.sentences:
         enc = model.tokenize([sentence], max_length=args.seq_len, padding="max_length")
         feeds = {"input_ids": np.asarray(enc.input_ids, dtype=np.int64),
                  "attention_mask": np.asarray(enc.attention_mask, dtype=np.int64)}
         t = time.perf_counter()
-        outputs, stats = run_bundle(bundle, host_inputs(host, feeds, bundle), config)
+        if session is None:
+            outputs, stats = run_bundle(bundle, host_inputs(host, feeds, bundle), config)
+            where = f"on the bit-exact model ({sum(stats.instructions.values())} instructions)"
+        else:
+            from weft.sw.hil import performance
+
+            outputs, counters = session.run(bundle, host_inputs(host, feeds, bundle), timeout_s=3600)
+            perf = performance(counters, config)
+            where = (f"on the twin ({perf.cycles:,} cycles: projected {perf.latency_s * 1e3:.3f} ms at "
+                     f"{config.clock_mhz:g} MHz, array utilization {perf.utilization:.1%})")
         run_s = time.perf_counter() - t
         h = next(iter(device_outputs(bundle, outputs).values())).astype(np.float64)
         h = h.reshape(-1, h.shape[-1])
@@ -554,14 +612,13 @@ def cmd_embed(args) -> int:
         emb = pooled / max(norm, 1e-12)
         tokens = int(mask.sum())
         head = " ".join(f"{v:+.4f}" for v in emb[:8])
-        print(f"{sentence!r}: {tokens} tokens, {run_s:.1f} s on the bit-exact model "
-              f"({sum(stats.instructions.values())} instructions)")
+        print(f"{sentence!r}: {tokens} tokens, {run_s:.1f} s {where}")
         print(f"  embedding[:8] = {head} ...  (dim {emb.size}, pooled norm {norm:.4f})")
         if args.compare:
             ref = model.encode([sentence], max_length=args.seq_len)[0].astype(np.float64)
             cos = float(emb @ ref / np.linalg.norm(ref))
             print(f"  cosine vs float PyTorch: {cos:.5f}")
-    return status
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------- parser
@@ -591,10 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a bundle on a device")
     run.add_argument("bundle", help=".weft bundle")
-    run.add_argument("--device", choices=["golden"], default="golden", help="executor (default: golden, the bit-exact model)")
+    run.add_argument("--device", choices=["golden", "sim"], default="golden",
+                     help="executor (default: golden, the bit-exact model; sim: the core in the Verilator twin, "
+                          "checked against the bit-exact model)")
     run.add_argument("--config", help="configuration (default: the built-in the bundle names)")
     run.add_argument("--inputs", nargs="*", metavar="NAME=FILE.npy", help="input tensors")
     run.add_argument("--outputs", metavar="DIR", help="save each output as DIR/NAME.npy")
+    run.add_argument("--watchdog", type=int, default=None, metavar="CYCLES",
+                     help="sim: stop a program after this many cycles (WATCHDOG register; default off)")
+    run.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="sim: wall-clock limit for the run (default 600)")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compile", help="compile an ONNX model into a bundle for a configuration")
@@ -617,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = sub.add_parser("embed", help="sentence embeddings with all-MiniLM-L6-v2 compiled for a device")
     embed.add_argument("sentences", nargs="+", metavar="SENTENCE")
-    embed.add_argument("--device", choices=["golden"], default="golden", help="executor (default: golden)")
+    embed.add_argument("--device", choices=["golden", "sim"], default="golden",
+                       help="executor (default: golden, the bit-exact model; sim: the core in the Verilator twin)")
     embed.add_argument("--config", default="default")
     embed.add_argument("--seq-len", type=int, default=128, help="compiled sequence length (default 128)")
     embed.add_argument("--compare", action="store_true", help="also print the cosine vs float PyTorch")

@@ -79,3 +79,57 @@ def test_help(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
+
+
+@pytest.mark.rtl
+@pytest.mark.verilator_only
+def test_run_on_the_twin_matches_the_bit_exact_model(tmp_path, capsys):
+    bundle, a_file, out = tmp_path / "g.weft", tmp_path / "a.npy", tmp_path / "out"
+    assert main(["gemm", "9", "6", "13", "--config", "tiny", "--int8", "-o", str(bundle),
+                 "--write-input", str(a_file)]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["run", "--device", "sim", str(bundle), "--inputs", f"a={a_file}", "--outputs", str(out)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "identical to the bit-exact model" in text
+    assert "projected latency" in text and "array utilization" in text and "stalls" in text
+    assert main(["run", "--device", "golden", str(bundle), "--inputs", f"a={a_file}", "--outputs",
+                 str(tmp_path / "gold")]) == EXIT_OK
+    np.testing.assert_array_equal(np.load(out / "c.npy"), np.load(tmp_path / "gold" / "c.npy"))
+
+
+def test_run_on_sim_exits_1_on_a_mismatch_or_device_error(tmp_path, capsys, monkeypatch):
+    """The exit codes of `weft run --device sim`, with the twin replaced by fakes (no simulator)."""
+    import weft.sw.hil as hil
+    from weft.sw.driver import DeviceError, Status
+
+    bundle, a_file = tmp_path / "g.weft", tmp_path / "a.npy"
+    assert main(["gemm", "4", "4", "4", "--config", "tiny", "-o", str(bundle), "--write-input", str(a_file)]) == EXIT_OK
+
+    class FakeSession:
+        launch_s = 0.0
+
+        def __init__(self, config, target=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def mismatch(bundle, inputs, config, **kwargs):
+        out = {"c": np.zeros((4, 4), np.int32)}
+        return hil.Comparison(False, "output 'c': first at byte 0", out, out, {"cycles": 10},
+                              hil.performance({"cycles": 10}, config))
+
+    def watchdog(bundle, inputs, config, **kwargs):
+        raise DeviceError("the device stopped on an error: WATCHDOG", Status.decode(0x404))
+
+    monkeypatch.setattr(hil, "HilSession", FakeSession)
+    monkeypatch.setattr(hil, "compare_with_golden", mismatch)
+    capsys.readouterr()
+    assert main(["run", "--device", "sim", str(bundle), "--inputs", f"a={a_file}"]) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+    monkeypatch.setattr(hil, "compare_with_golden", watchdog)
+    assert main(["run", "--device", "sim", str(bundle), "--inputs", f"a={a_file}"]) == 1
+    assert "WATCHDOG" in capsys.readouterr().err
