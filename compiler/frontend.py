@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from .ir import Graph, Node, Value
-from .reference import ExecutionError, float_kernel
+from .reference import float_kernel
 
 __all__ = ["FrontendError", "UnsupportedOpError", "DynamicShapeError", "SUPPORTED_OPS",
            "CANONICAL_OPSET", "MIN_OPSET", "MAX_OPSET", "import_onnx", "canonicalize"]

@@ -146,7 +146,7 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     the int32 accumulator), row 1 the REQUANT scale words (see :func:`weft.sim.golden.pack_scale_word`).
     """
     R, C = config.array.rows, config.array.cols
-    M, N, K = plan.M, plan.N, plan.K
+    N, K = plan.N, plan.K
     int8_out = plan.output == "int8"
     out_elem = 1 if int8_out else 4
     a_stride = K if a_stride is None else a_stride

@@ -28,7 +28,7 @@ Scheme (what the hardware computes, :mod:`weft.compiler.reference` ``run_int8`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 

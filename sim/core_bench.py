@@ -15,7 +15,7 @@ import os
 import random
 
 import cocotb
-from cocotb.triggers import ClockCycles, First, RisingEdge, Timer
+from cocotb.triggers import ClockCycles, First, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
 from weft.hw.registers import COUNTERS, register
@@ -66,7 +66,7 @@ async def run_cases(dut):
         before = {name: await _read_counter(csr, base) for name, base, _ in COUNTERS}
         await _reg_write(csr, "CONTROL", 1)
         limit = case.get("max_cycles", 2_000_000)
-        result = await First(RisingEdge(dut.irq), ClockCycles(dut.clk, limit))
+        await First(RisingEdge(dut.irq), ClockCycles(dut.clk, limit))
         assert int(dut.irq.value), f"{case['name']}: no interrupt within {limit} cycles"
         status = await _reg_read(csr, "STATUS")
         busy, done, error, cause = status & 1, status >> 1 & 1, status >> 2 & 1, status >> 8 & 0xFF

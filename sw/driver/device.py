@@ -17,7 +17,7 @@ import numpy as np
 from ...hw.bundle import Bundle, BundleError, TensorSpec
 from ...hw.config import AcceleratorConfig
 from ...hw.registers import COUNTERS, ID_VALUE, REGISTERS, ErrorCause, Register, register
-from .transport import Transport, TransportError
+from .transport import Transport
 
 __all__ = [
     "DriverError",

@@ -4,7 +4,6 @@ ONNX's own node tests."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

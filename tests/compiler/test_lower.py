@@ -113,7 +113,6 @@ def test_drain_tokens_balances_counters():
 
 # ---------------------------------------------------------------------- errors
 def test_unsupported_device_op_names_the_node():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

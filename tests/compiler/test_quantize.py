@@ -15,7 +15,6 @@ from weft.sw.models.minilm import MiniLM, tiny_config
 
 
 def _linear_graph(K=24, N=20, M=5, seed=0):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -56,7 +55,6 @@ def _cos(a, b):
 def test_tiny_minilm_int8_close_to_float(exporter):
     m = MiniLM.random(tiny_config())
     g = import_onnx(m.export_onnx(seq_len=32, exporter=exporter))
-    rng = np.random.default_rng(0)
 
     def feeds(seed):
         r = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from weft.hw.bundle import (
     read_bundle,
 )
 from weft.hw.config import AcceleratorConfig, load_config
-from weft.hw.isa import Instruction, Mem, Opcode, assemble
+from weft.hw.isa import Instruction, Opcode, assemble
 
 PROGRAM_TEXT = """\
 load mem=sp local=0x0 dram=0x1000 rows=4 cols=4 stride=0x4 signal=matmul
@@ -157,7 +157,6 @@ def test_trailing_garbage_is_refused(data):
 
 
 def test_manifest_that_is_not_json(data):
-    parts = _layout(data)
     body = bytearray(data[:-32])
     body[32] = ord("!")
     with pytest.raises(BundleError, match="not valid JSON"):

@@ -63,7 +63,6 @@ async def run_tiles(dut, tiles: list[Tile], *, gap: float = 0.0, seed: int = 0, 
     active, drain = 0, 0
     expected: list[tuple[int, list[int], int]] = []  # (cycle, row, tag)
     got: list[tuple[int, list[int], int]] = []
-    loaded = 0  # tiles fully loaded into the shadow bank (beyond the active one)
     load_tile, load_row = 0, 0  # next weight row to load
     run_tile, run_row = -1, 0  # tile whose rows stream now
     cycle = 0

@@ -48,7 +48,6 @@ async def run(dut, cycles: int, seed: int, hot_rows: int, p_req: float):
     await clk.start(idle=idle)
     mem = MEM  # memories keep their contents across reset, so across cocotb tests too
     hot = [rng.randrange(DEPTH) for _ in range(hot_rows)]  # few rows: many conflicts and RAW chains
-    pending_reads: list[tuple[int, int]] = []  # (port, row) accepted last cycle
     pending_update = None  # accumulator: (addr, data, accumulate) presented last cycle
     checked = 0
 
