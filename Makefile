@@ -50,6 +50,7 @@ bench: setup
 	$(WEFT) bench golden
 	$(WEFT) bench gemm
 	$(WEFT) bench numerics
+	$(WEFT) bench vector
 
 docs: setup
 	$(WEFT) docs isa -o docs/isa.md

@@ -237,6 +237,8 @@ def cmd_bench(args) -> int:
     config = _load_config(args.config)
     if args.what == "numerics":
         return _bench_numerics(config)
+    if args.what == "vector":
+        return _bench_vector(config)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else GEMM_BENCH_SHAPES
     if args.what == "gemm":
         return _bench_gemm(config, shapes)
@@ -268,6 +270,31 @@ def _bench_gemm(config, shapes) -> int:
     print(f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter; exact = output equals the "
           f"bit-exact model's; Verilator model speed {result['cycles_per_s'] / 1e3:.0f} k cycles/s")
     return EXIT_OK if all(r["exact"] for r in result["rows"]) else EXIT_FAILED
+
+
+def _bench_vector(config) -> int:
+    from weft.sim.bench import describe_host, format_table
+    from weft.sim.vector_bench import THROUGHPUT_FUNCS, THROUGHPUT_LENGTHS, bench_vector
+
+    M = 4
+    print(f"vector-unit throughput on the RTL core ({config.name}: {config.acc_row_elems}-element on-chip rows) "
+          f"in Verilator; host: {describe_host()}", flush=True)
+    result = bench_vector(config, THROUGHPUT_LENGTHS, THROUGHPUT_FUNCS, M=M, skip_unfit=True)
+    per_row = result["per_row"]
+
+    def cell(f, L, fmt):
+        return "-" if per_row[(f, L)] is None else fmt(per_row[(f, L)])
+
+    table = [[L, -(-L // config.acc_row_elems)] + [cell(f, L, lambda c: f"{c:.1f}") for f in THROUGHPUT_FUNCS]
+             + [cell(f, L, lambda c, L=L: f"{L / c:.2f}") for f in THROUGHPUT_FUNCS] for L in THROUGHPUT_LENGTHS]
+    print(format_table(["row length", "on-chip rows"] + [f"{f} cyc/row" for f in THROUGHPUT_FUNCS]
+                       + [f"{f} elem/cyc" for f in THROUGHPUT_FUNCS], table))
+    print(f"cycles per row = (CYCLES with the op twice - CYCLES with it once) / {M} rows, from the core's counter; "
+          f"elem/cyc = row length / cycles per row"
+          + ("; - = the programs do not fit this configuration's on-chip memories" if None in per_row.values() else ""))
+    print(f"all {result['cases']} programs' outputs checked byte for byte against the bit-exact model "
+          f"(simulation {result['wall_s']:.0f} s, {'built' if result['built'] else 'cached'} core)")
+    return EXIT_OK
 
 
 def _bench_serve(args) -> int:
@@ -705,9 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden", "gemm", "numerics", "serve"],
+    bench.add_argument("what", choices=["golden", "gemm", "numerics", "vector", "serve"],
                        help="golden: bit-exact model speed on GEMM bundles; gemm: array utilization on the RTL "
-                            "from its counters; numerics: vector-unit accuracy; serve: the scheduler under load "
+                            "from its counters; numerics: vector-unit accuracy; vector: vector-unit cycles per row "
+                            "on the RTL; serve: the scheduler under load "
                             "against round-robin and least-loaded")
     bench.add_argument("--config", default="default")
     bench.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes (default: 128^3, 256^3, 512^3, 128x1536x384)")

@@ -16,70 +16,7 @@ from weft.hw.config import load_config
 from weft.hw.isa import Instruction, Mem, Opcode, encode_program
 from weft.hw.registers import ErrorCause
 from weft.sim.core_runner import run_cases
-from weft.sim.golden import GoldenMachine
-
-MEMORY = 1 << 16
-DATA = 0x1000
-
-
-class Prog:
-    """A program image: data loaded to on-chip rows, one or more ops, stores of results."""
-
-    def __init__(self, config):
-        self.config = config
-        self.E = config.acc_row_elems
-        self.next = DATA
-        self.loads: list[Instruction] = []
-        self.image: dict[int, bytes] = {}
-        self.outs: list[tuple[int, int]] = []
-
-    def _place(self, raw: bytes) -> int:
-        addr = self.next
-        self.image[addr] = raw
-        self.next = (addr + len(raw) + 63) & ~63
-        return addr
-
-    def load(self, mem: Mem, local: int, rows: np.ndarray) -> None:
-        rows = np.asarray(rows)
-        dtype = "<i4" if mem == Mem.ACC else np.int8
-        arr = rows.astype(dtype)
-        addr = self._place(arr.tobytes())
-        esize = 4 if mem == Mem.ACC else 1
-        self.loads.append(Instruction.make(Opcode.LOAD, mem=int(mem), local=local, dram=addr, rows=arr.shape[0],
-                                           cols=arr.shape[1], stride=arr.shape[1] * esize))
-
-    def store(self, mem: Mem, local: int, rows: int) -> Instruction:
-        esize = 4 if mem == Mem.ACC else 1
-        size = rows * self.E * esize
-        addr = self.next
-        self.next = (addr + size + 63) & ~63
-        self.outs.append((addr, size))
-        return Instruction.make(Opcode.STORE, mem=int(mem), local=local, dram=addr, rows=rows, cols=self.E,
-                                stride=self.E * esize)
-
-    def case(self, name: str, ops: list[Instruction], stores: list[Instruction], **extra) -> dict:
-        loads = list(self.loads)
-        loads[-1] = loads[-1].with_tokens(signal=["vector"])
-        ops = list(ops)
-        ops[0] = ops[0].with_tokens(wait=["load"])
-        ops[-1] = ops[-1].with_tokens(signal=["store"])
-        stores = list(stores)
-        stores[0] = stores[0].with_tokens(wait=["vector"])
-        program = loads + ops + stores + [Instruction.make(Opcode.HALT)]
-        return raw_case(name, self.config, program, self.image, self.outs, **extra)
-
-
-def raw_case(name, config, program, image: dict[int, bytes], outs, **extra) -> dict:
-    machine = GoldenMachine(config, memory_bytes=MEMORY)
-    code = encode_program(program)
-    machine.write(0, code)
-    for addr, raw in image.items():
-        machine.write(addr, raw)
-    before = machine.memory.tobytes()
-    machine.run(machine.fetch_program(0, len(program)))
-    expect = [(a, machine.read(a, n).hex()) for a, n in outs]
-    return {"name": name, "image": [(0, before.hex())], "program_addr": 0, "program_count": len(program),
-            "expect": expect, **extra}
+from weft.sim.vector_bench import THROUGHPUT_LENGTHS, Prog, measure_throughput, raw_case, slice_major
 
 
 def _word(rng, shift_lo=0, shift_hi=40):
@@ -142,15 +79,6 @@ def vbin_case(config, rng, func: str, a_mem: Mem, b_mem: Mem, dst_mem: Mem, rows
 
 
 # ---------------------------------------------------------------------- row ops
-def slice_major(x: np.ndarray, E: int, garbage: np.ndarray | None = None) -> np.ndarray:
-    """[M, L] -> on-chip rows [C*M, E]; element (r, j) at row (j // E) * M + r, column j % E."""
-    M, L = x.shape
-    C = -(-L // E)
-    padded = np.zeros((M, C * E), dtype=np.int64) if garbage is None else garbage[:M, :C * E].astype(np.int64).copy()
-    padded[:, :L] = x
-    return padded.reshape(M, C, E).transpose(1, 0, 2).reshape(C * M, E)
-
-
 def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC, x=None, kv_len=None, offset=0,
               causal=False, unsigned=False, name=None, in_scale=None):
     p = Prog(config)
@@ -328,50 +256,7 @@ def test_matmul_and_vector_op_run_concurrently():
 
 
 # ---------------------------------------------------------------------- throughput
-THROUGHPUT_LENGTHS = (64, 128, 384, 576, 1536)
-
-
-def throughput_cases(config, rng, func: str, L: int, M: int = 4) -> list[dict]:
-    """The op once and twice on the same data: the difference in CYCLES is one op's time."""
-    E = config.acc_row_elems
-    C = -(-L // E)
-    out = []
-    for times in (1, 2):
-        p = Prog(config)
-        if func in ("gelu", "add"):
-            if func == "gelu":
-                p.load(Mem.ACC, 0, rng.integers(-5000, 5000, (C * M, E)))
-                p.load(Mem.ACC, C * M + 1, vn.gelu_params(0.001, 0.05, cols=E))
-                op = Instruction.make(Opcode.VMAP, func="gelu", src_mem=1, src=0, dst_mem=0, dst=0, param=C * M + 1,
-                                      rows=C * M)
-            else:
-                p.load(Mem.SP, 0, rng.integers(-128, 128, (C * M, E)))
-                p.load(Mem.SP, C * M, rng.integers(-128, 128, (C * M, E)))
-                p.load(Mem.ACC, 0, vn.add_params(0.1, 0.07, 0.12, cols=E))
-                op = Instruction.make(Opcode.VBIN, func="add", a_mem=0, a=0, b_mem=0, b=C * M, dst_mem=0,
-                                      dst=2 * C * M, param=0, rows=C * M)
-            store = (Mem.SP, 0 if func == "gelu" else 2 * C * M, C * M)
-        else:
-            x = rng.integers(-3000, 3000, (M, L))
-            p.load(Mem.ACC, 0, slice_major(x, E))
-            if func == "softmax":
-                params = vn.softmax_params(0.01, kv_len=L, cols=E)
-            else:
-                params = vn.layernorm_params(1.0, rng.uniform(-2, 2, L), rng.uniform(-1, 1, L), 0.05, cols=E)
-            p.load(Mem.ACC, C * M, params)
-            op = Instruction.make(Opcode.VROW, func=func, src_mem=1, src=0, dst=0, param=C * M, rows=M, len=L)
-            store = (Mem.SP, 0, C * M)
-        out.append(p.case(f"tp_{func}_{L}_x{times}", [op] * times, [p.store(*store)]))
-    return out
-
-
-def measure_throughput(config, lengths=THROUGHPUT_LENGTHS, funcs=("gelu", "add", "softmax", "layernorm"), M=4):
-    rng = np.random.default_rng(31)
-    cases = [c for f in funcs for L in lengths for c in throughput_cases(config, rng, f, L, M)]
-    report = {r["name"]: r["counters"]["cycles"] for r in run_cases(config, cases)["cases"]}
-    return {(f, L): (report[f"tp_{f}_{L}_x2"] - report[f"tp_{f}_{L}_x1"]) / M for f in funcs for L in lengths}
-
-
+# The programs and the measurement live in weft.sim.vector_bench (`weft bench vector`).
 @pytest.mark.rtl
 def test_vector_throughput_default():
     config = load_config("default")
