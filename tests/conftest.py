@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "verilator_only" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def twin():
+    """A stand-in twin (register block + DMA on `tiny`), shared by the tests of one module."""
+    from tests.sim.twin_fixtures import standin
+
+    with standin("tiny") as t:
+        yield t

@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.rtl, pytest.mark.verilator_only]  # the twin is a Veri
 TINY = load_config("tiny")
 
 
-@pytest.fixture(scope="module")
-def twin():
-    t = launch_standin("tiny")
-    yield t
-    t.close()
-
-
 @pytest.fixture
 def client(twin):
     twin.client.reset(4)

@@ -10,7 +10,7 @@ from weft.hw.config import load_config
 from weft.sim.twin import Twin
 from weft.sim.twin.standin import StandInTop, copy_count
 
-__all__ = ["launch_standin", "start_copy", "copy_model", "copy_count"]
+__all__ = ["launch_standin", "standin", "start_copy", "copy_model", "copy_count"]
 
 
 def launch_standin(config_name: str = "tiny", **kwargs) -> Twin:

@@ -18,7 +18,7 @@ from weft.sw.driver import (ConfigHashMismatch, Device, DeviceError, DeviceTimeo
                             Transport, TransportError, TwinTransport, open_transport, transport_schemes)
 from weft.sw.driver.device import _reg
 
-from tests.sim.twin_fixtures import copy_count, launch_standin, standin
+from tests.sim.twin_fixtures import copy_count, standin
 
 TINY = load_config("tiny")
 
@@ -150,13 +150,6 @@ def test_unknown_transport_scheme():
 def pytest_rtl(test):
     """RTL tests driven through the Verilator twin (a C++ model: Verilator only)."""
     return pytest.mark.verilator_only(pytest.mark.rtl(test))
-
-
-@pytest.fixture(scope="module")
-def twin():
-    t = launch_standin("tiny")
-    yield t
-    t.close()
 
 
 @pytest.fixture
