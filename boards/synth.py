@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["SynthError", "SynthReport", "synthesize", "ECP5_PARTS"]
+__all__ = ["SynthError", "SynthReport", "synthesize", "count_hard_multipliers", "ECP5_PARTS"]
 
 #: nextpnr-ecp5 device flags and the package used for out-of-context runs.
 ECP5_PARTS = {
@@ -41,6 +41,23 @@ _CELLS = {
     "PDPW16KD": "block RAM (PDPW16KD)",
     "TRELLIS_DPR16X4": "LUT RAM (DPR16X4)",
 }
+
+
+def count_hard_multipliers(component, block_bits: int = 18) -> int:
+    """18x18 hard multipliers ``component`` needs, counted from its netlist before synthesis:
+    each ``$mul`` of an ``a``-bit by a ``b``-bit operand is split into
+    ``ceil(a / 18) * ceil(b / 18)`` blocks, as Yosys's ``mul2dsp`` tiles wide products.
+
+    An upper bound (synthesis may fold constant or narrow factors into logic), and available
+    where the WebAssembly Yosys cannot synthesize the design at all."""
+    from amaranth.back import rtlil
+
+    text = rtlil.convert(component)
+    total = 0
+    for params in re.findall(r"cell \$mul \S+\n((?:\s+parameter .*\n)+)", text):
+        p = dict(re.findall(r"parameter \\(\w+) (\S+)", params))
+        total += -(-int(p["A_WIDTH"]) // block_bits) * -(-int(p["B_WIDTH"]) // block_bits)
+    return total
 
 
 class SynthError(RuntimeError):

@@ -613,6 +613,10 @@ class _Lowerer:
             if n.op not in handlers:
                 raise LoweringError(f"node {n.name} (op {n.op}): no device lowering for {n.op} "
                                     f"(lowered ops: {', '.join(handlers)})")
+            if n.op != "Linear" and not cfg.vector.row_engine:
+                raise LoweringError(f"node {n.name} (op {n.op}): needs the vector row engine, which "
+                                    f"configuration {cfg.name!r} leaves out (vector.row_engine: false); "
+                                    "only Linear lowers without it")
             if n.op == "Add" and n.name not in qg.adds:
                 raise LoweringError(f"node {n.name} (op Add): not quantized for the device")
         # ---- inputs (what the host computes) and outputs

@@ -47,6 +47,12 @@ SCHEMA_VERSION = 1
 INPUT_BYTES = 1
 ACC_BYTES = 4
 
+#: 18x18 hard multipliers the row engine needs per accumulator-row element: it evaluates
+#: every function in parallel, with products up to 72 x 32 bits that take several blocks
+#: each. Counted from its netlist (``weft.boards.synth.count_hard_multipliers``; a test
+#: keeps this number equal to that count).
+ROW_ENGINE_MULTIPLIERS_PER_ELEMENT = 84
+
 
 class ConfigError(ValueError):
     """A configuration that breaks a rule. The message names the field and the rule."""
@@ -78,9 +84,18 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class VectorConfig:
-    """Vector unit: elements processed per cycle."""
+    """Vector unit: requantizer elements per cycle, and whether the row engine is built.
+
+    The row engine (VBIN / VMAP / VROW: residual adds, GELU, SiLU, softmax, norms, rotary
+    embeddings) computes a whole accumulator row per cycle with every function in
+    parallel; it needs far more multipliers than a small FPGA has, so a configuration for
+    one can leave it out (``row_engine: false``): such a core runs GEMM + REQUANT
+    programs only, and the bit-exact model and the compiler refuse vector-row
+    instructions for it.
+    """
 
     lanes: int
+    row_engine: bool = True
 
 
 @dataclass(frozen=True)
@@ -181,8 +196,10 @@ class AcceleratorConfig:
 
     def estimated_multipliers(self) -> int:
         """Hard multipliers the generated core needs: one per PE, two per vector lane
-        (the requantizer's 32x16 product)."""
-        return self.array.rows * self.array.cols + 2 * self.vector.lanes
+        (the requantizer's 32x16 product) and, with the row engine, its per-element products
+        (:data:`ROW_ENGINE_MULTIPLIERS_PER_ELEMENT` for each accumulator-row element)."""
+        row_engine = ROW_ENGINE_MULTIPLIERS_PER_ELEMENT * self.acc_row_elems if self.vector.row_engine else 0
+        return self.array.rows * self.array.cols + 2 * self.vector.lanes + row_engine
 
     # ------------------------------------------------------------------ identity
     def to_dict(self) -> dict[str, Any]:
@@ -250,7 +267,7 @@ def _type_name(types: tuple[type, ...]) -> str:
 
 def _check_type(path: str, value: Any, types: tuple[type, ...]) -> Any:
     # bool is an int in Python; a YAML `true` where a number belongs is a mistake.
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         raise ConfigError(path, f"expected {_type_name(types)}, got {type(value).__name__} {value!r}")
     return value
 
@@ -268,7 +285,7 @@ def _parse_section(path: str, data: Any, cls: type) -> Any:
             if f.default is dataclasses.MISSING:
                 raise ConfigError(f"{path}.{name}", "required key is missing")
             continue
-        expected = {"int": (int,), "str": (str,)}[f.type] if isinstance(f.type, str) else (f.type,)
+        expected = {"int": (int,), "str": (str,), "bool": (bool,)}[f.type] if isinstance(f.type, str) else (f.type,)
         kwargs[name] = _check_type(f"{path}.{name}", data[name], expected)
     return cls(**kwargs)
 
@@ -371,7 +388,9 @@ def _check_rules(c: AcceleratorConfig) -> None:
         raise ConfigError("device_memory.mib", "the ISA addresses at most 4096 MiB of device memory")
     if c.target.max_multipliers and c.estimated_multipliers() > c.target.max_multipliers:
         raise ConfigError("array", f"needs {c.estimated_multipliers()} multipliers "
-                          f"({c.array.rows}x{c.array.cols} PEs + 2 per vector lane), but "
+                          f"({c.array.rows}x{c.array.cols} PEs + 2 per vector lane"
+                          + (f" + {ROW_ENGINE_MULTIPLIERS_PER_ELEMENT} per row-engine element" if c.vector.row_engine else "")
+                          + "), but "
                           f"target {c.target.part or '(unnamed)'} has {c.target.max_multipliers}")
 
 

@@ -27,8 +27,9 @@ bias) rows and writes the output. The pipeline drains between passes of a row; p
 row r overlaps pass 1 of row r+1.
 
 Illegal vector instructions (reserved ``func``, ``len = 0``, ``mul``/``rope`` with both
-operands in the accumulator, or a configuration whose scratchpad and accumulator rows
-differ in width) complete at once with an ``error`` pulse and no effect.
+operands in the accumulator, a configuration whose scratchpad and accumulator rows
+differ in width, or one built with ``vector.row_engine: false``, which elaborates no
+datapath at all) complete at once with an ``error`` pulse and no effect.
 """
 
 from __future__ import annotations
@@ -168,6 +169,12 @@ class RowEngine(wiring.Component):
         cfg = self.config
         E = self.E
         ar = _Arith(m)
+        if not cfg.vector.row_engine:
+            # Left out by the configuration (no datapath at all): every VBIN / VMAP / VROW
+            # is taken and refused at once, like any other illegal vector instruction.
+            m.d.comb += [self.issue.ready.eq(1), self.complete.eq(self.issue.valid),
+                         self.error.eq(self.issue.valid)]
+            return m
         supported = row_engine_supported(cfg)
         log2e = E.bit_length() - 1
 

@@ -429,6 +429,9 @@ class GoldenMachine:
             self.sp[dst, :cfg.array.cols] = y
             return
         if op in (Opcode.VBIN, Opcode.VMAP, Opcode.VROW):
+            if not cfg.vector.row_engine:
+                raise ProgramError(f"{where}: configuration {cfg.name!r} has no vector row engine "
+                                   f"(vector.row_engine: false), so {op.name} cannot run")
             try:
                 self._vector(instr, index, q, clock, where)
             except vn.VectorParamError as exc:

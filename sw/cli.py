@@ -394,6 +394,10 @@ def cmd_synth(args) -> int:
         from weft.hw.core import Core
 
         component = Core(config)
+    elif args.top == "rows":
+        from weft.hw.vector import RowEngine
+
+        component = RowEngine(config)
     else:
         from weft.hw.array import SystolicArray
 
@@ -768,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="synthesize and place the core with the open FPGA flow; print resources and Fmax")
     synth.add_argument("--config", default="ulx3s")
-    synth.add_argument("--top", choices=["core", "array"], default="core", help="what to build (default: the core)")
+    synth.add_argument("--top", choices=["core", "array", "rows"], default="core",
+                       help="what to build: the core (default), the systolic array alone, or the vector row engine alone")
     synth.add_argument("--part", help="FPGA part (default: the configuration's target.part, else LFE5U-85F)")
     synth.add_argument("--mhz", type=float, help="clock target (default: the configuration's clock_mhz)")
     synth.add_argument("-o", "--output", metavar="DIR", help="work folder (default: .cache/synth/CONFIG-TOP)")

@@ -144,6 +144,14 @@ def test_model_too_big_for_device_memory_says_by_how_much():
         lower(qg, config)
 
 
+def test_config_without_row_engine_refuses_vector_nodes(tiny):
+    _, qg = tiny
+    config = _small_config(vector={"lanes": 4, "row_engine": False})
+    with pytest.raises(LoweringError, match=r"node \S+ \(op (LayerNorm|Attention|Gelu|Add)\): needs the vector row "
+                                            r"engine.*row_engine: false"):
+        lower(qg, config)
+
+
 def test_layer_too_wide_for_on_chip_memory_names_node_and_memory(tiny):
     _, qg = tiny
     config = _small_config(accumulator={"kib": 1, "banks": 1})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from weft.hw.config import AcceleratorConfig, ConfigError, builtin_config_names, load_config
+from weft.hw.config import (ROW_ENGINE_MULTIPLIERS_PER_ELEMENT, AcceleratorConfig, ConfigError, builtin_config_names,
+                            load_config)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "hw" / "configs"
 BUILTINS = ("default", "tiny", "ulx3s")
@@ -82,7 +84,28 @@ def test_builtin_derived_geometry(name, sp_row_elems, sp_rows, acc_rows, bus_byt
 def test_ulx3s_fits_its_target():
     cfg = load_config("ulx3s")
     assert cfg.target.max_multipliers == 156
+    assert not cfg.vector.row_engine
     assert cfg.estimated_multipliers() == 8 * 8 + 2 * 8 <= 156
+
+
+def test_row_engine_is_optional_and_counts_multipliers():
+    default = load_config("default")
+    assert default.vector.row_engine
+    without = AcceleratorConfig.from_dict(_set(_raw("default"), "vector.row_engine", False))
+    assert without.estimated_multipliers() == 16 * 16 + 2 * 16
+    assert default.estimated_multipliers() > without.estimated_multipliers()
+
+
+@pytest.mark.parametrize("name", ["tiny", "ulx3s"])
+def test_multiplier_estimate_matches_the_netlist(name):
+    from weft.boards.synth import count_hard_multipliers
+    from weft.hw.array import SystolicArray
+    from weft.hw.vector import RowEngine
+
+    cfg = load_config(name)
+    engine = replace(cfg, vector=replace(cfg.vector, row_engine=True))
+    assert count_hard_multipliers(SystolicArray.from_config(cfg)) == cfg.array.rows * cfg.array.cols
+    assert count_hard_multipliers(RowEngine(engine)) == ROW_ENGINE_MULTIPLIERS_PER_ELEMENT * cfg.acc_row_elems
 
 
 # ---------------------------------------------------------------------- hash
@@ -151,6 +174,7 @@ HARDWARE_CHANGES = [
     ("accumulator.kib", 32),
     ("accumulator.banks", 1),
     ("vector.lanes", 8),
+    ("vector.row_engine", False),
     ("bus.data_bits", 64),
     ("bus.addr_bits", 64),
     ("queues.depth", 4),
@@ -158,7 +182,7 @@ HARDWARE_CHANGES = [
     ("device_memory.mib", 128),
     ("clock_mhz", 250),
     ("target.part", "XC7A100T"),
-    ("target.max_multipliers", 400),
+    ("target.max_multipliers", 4000),
 ]
 
 
@@ -191,6 +215,7 @@ INVALID = [
     ("string-where-int", _set(_raw("default"), "array.rows", "16"), "array.rows", ["expected int", "str"]),
     ("bool-where-int", _set(_raw("default"), "array.cols", True), "array.cols", ["expected int", "bool"]),
     ("bool-where-number", _set(_raw("default"), "clock_mhz", True), "clock_mhz", ["bool"]),
+    ("int-where-bool", _set(_raw("default"), "vector.row_engine", 1), "vector.row_engine", ["expected bool", "int"]),
     ("float-where-int", _set(_raw("default"), "scratchpad.kib", 256.0), "scratchpad.kib", ["expected int", "float"]),
     ("int-where-str", _set(_raw("default"), "name", 5), "name", ["expected str"]),
     ("section-not-mapping", _set(_raw("default"), "array", 16), "array", ["mapping"]),

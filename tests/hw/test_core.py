@@ -11,6 +11,8 @@ import pytest
 
 from weft.compiler.gemm import build_gemm_bundle
 from weft.hw.bundle import Bundle
+from dataclasses import replace
+
 from weft.hw.config import load_config
 from weft.hw.isa import Instruction, Opcode, encode_program
 from weft.hw.registers import ErrorCause
@@ -29,6 +31,22 @@ def gemm_case(config, rng, M, N, K, *, int8: bool, relu: bool = False, extreme: 
                   "relu": relu}
     bundle = build_gemm_bundle(config, b, M, **kwargs)
     return program_case(f"gemm{M}x{N}x{K}{'_int8' if int8 else ''}", bundle, {"a": a}, config, **extra)
+
+
+@pytest.mark.rtl
+def test_core_without_row_engine_runs_gemm_and_refuses_vector_rows():
+    """``vector.row_engine: false`` (the ulx3s build): GEMM + REQUANT as usual; a VBIN is an
+    illegal instruction, and the core goes on with the next program."""
+    tiny = load_config("tiny")
+    config = replace(tiny, name="tiny_no_rows", vector=replace(tiny.vector, row_engine=False))
+    rng = np.random.default_rng(8)
+    vbin = Instruction.make(Opcode.VBIN, func="add", a_mem=1, a=0, b_mem=1, b=4, dst_mem=0, dst=0, param=8, rows=2)
+    cases = [gemm_case(config, rng, 9, 6, 13, int8=True),
+             {"name": "vbin", "image": [(0, encode_program([vbin, Instruction.make(Opcode.HALT)]).hex())],
+              "program_addr": 0, "program_count": 2, "expect": [],
+              "expect_cause": int(ErrorCause.ILLEGAL_INSTRUCTION)},
+             gemm_case(config, rng, 5, 7, 6, int8=True) | {"name": "after_error"}]
+    run_cases(config, cases)
 
 
 @pytest.mark.rtl

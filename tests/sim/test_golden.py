@@ -669,6 +669,15 @@ def test_out_of_range_operands(text, words):
         m.run(assemble(text + "\nhalt"))
 
 
+def test_config_without_row_engine_refuses_vector_row_instructions():
+    from dataclasses import replace
+
+    config = replace(TINY, name="tiny_no_rows", vector=replace(TINY.vector, row_engine=False))
+    m = _machine(config)
+    with pytest.raises(ProgramError, match=r"instruction 0.*no vector row engine.*VMAP"):
+        m.run(assemble("vmap func=gelu src_mem=acc src=0x0 dst_mem=sp dst=0x0 param=0x1 rows=1\nhalt"))
+
+
 def test_fetch_of_an_illegal_program_is_a_program_error():
     m = _machine(TINY)
     with pytest.raises(ProgramError, match="illegal opcode"):
