@@ -125,7 +125,7 @@ def bench_numerics(cols: int = 16, seed: int = 0, real: bool = True) -> tuple[li
 
     def add(op, data, got, ref, out_scale, target=""):
         e = _errors(got, ref)
-        lsb = e["max_abs"] / out_scale
+        lsb = float(np.max(np.abs(np.asarray(got) - ref) / out_scale))  # per-channel scales too
         ok = {"max_abs <= 0.01": e["max_abs"] <= 0.01, "max <= 2 LSB": lsb <= 2,
               "rel_l2 <= 1%": e["rel_l2"] <= 0.01}.get(target)
         rows.append({"op": op, "data": data, **e, "lsb": lsb, "target": target, "ok": ok})
@@ -168,10 +168,13 @@ def bench_numerics(cols: int = 16, seed: int = 0, real: bool = True) -> tuple[li
             ref = (xt * torch.rsqrt((xt * xt).mean(-1, keepdim=True) + 1e-6) * t32(gamma)).numpy()
         ref = ref.astype(np.float64)
         n = -(-L // cols)
-        # int8 output: the per-tensor int8 rounding dominates (no target); the target applies
-        # to the algorithm, measured with a fine int32 output.
-        for label, out_scale, bounds, target in (("int8 out", float(np.abs(ref).max()) / 127, vn.INT8, ""),
-                                                 ("algorithm, 2^-12 out", 2.0 ** -12, vn.INT32, "rel_l2 <= 1%")):
+        # int8 output, one scale per tensor: the int8 rounding of the outlier-stretched range
+        # dominates (no target). One scale per channel (what the compiler gives a norm's
+        # output: the gains carry it) and a fine int32 output measure the algorithm.
+        for label, out_scale, bounds, target in (
+                ("int8 out, per tensor", float(np.abs(ref).max()) / 127, vn.INT8, ""),
+                ("int8 out, per channel", np.maximum(np.abs(ref).max(axis=0), 1e-6) / 127, vn.INT8, "rel_l2 <= 1%"),
+                ("algorithm, 2^-12 out", 2.0 ** -12, vn.INT32, "rel_l2 <= 1%")):
             if kind == "layernorm":
                 P = vn.layernorm_params(in_scale, gamma, beta, out_scale, cols=cols)
                 y = vn.layernorm_rows(x, int(P[0, 0]), P[1:1 + n].ravel()[:L], P[1 + n:].ravel()[:L], bounds)
