@@ -167,3 +167,52 @@ def test_onnx_node_tests():
         print("  refused", name, why)
     assert not failed, failed
     assert len(passed) >= 40
+
+
+#: int8 tolerance for a node test compiled to a bundle: max |y - expected| within 3% of
+#: max |expected|, i.e. about 4 steps of an output scale calibrated to the tensor's maximum
+#: (input rounding, up to 2 LSB of op error and the output rounding).
+INT8_NODE_TOLERANCE = 0.03
+
+
+def test_onnx_node_tests_int8():
+    """Each case compiles to an int8 bundle for `tiny` (calibrated on the case's own input)
+    and matches the expected output on the bit-exact model within INT8_NODE_TOLERANCE, or
+    is refused (importer or compiler) with an error naming the node, op or value."""
+    from weft.compiler.lower import LoweringError
+    from weft.compiler.pipeline import compile_graph, device_outputs, host_inputs
+    from weft.compiler.quantize import QuantizeError
+    from weft.hw.config import load_config
+    from weft.sim.golden import run_bundle
+
+    config = load_config("tiny")
+    passed, refused, failed = [], [], []
+    for case in _node_cases():
+        if not case.data_sets:
+            continue
+        inputs, expected = case.data_sets[0]
+        model = case.model
+        names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        feeds = dict(zip(names, inputs))
+        try:
+            g = import_onnx(model)
+            result = compile_graph(g, config, [feeds])
+        except (FrontendError, LoweringError, QuantizeError) as exc:
+            assert str(exc)
+            refused.append((case.name, str(exc)[:110]))
+            continue
+        try:
+            outs, _ = run_bundle(result.bundle, host_inputs(g, feeds, result.bundle), config)
+            got = device_outputs(result.bundle, outs)
+            for o, e in zip(g.outputs, expected):
+                err = np.abs(got[o.name].reshape(e.shape).astype(np.float64) - e).max()
+                assert err <= INT8_NODE_TOLERANCE * np.abs(e).max(), (o.name, err, np.abs(e).max())
+            passed.append(case.name)
+        except Exception as exc:  # pragma: no cover - reported below
+            failed.append((case.name, repr(exc)[:300]))
+    print(f"\nONNX node tests as int8 bundles on tiny: {len(passed)} passed, {len(refused)} refused, "
+          f"{len(failed)} failed")
+    for name, why in refused:
+        print("  refused", name, why)
+    assert not failed, failed
+    assert passed
