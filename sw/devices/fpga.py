@@ -10,13 +10,18 @@ Two parts, kept apart so the compiled path drops in when it lands:
   latency from the compiler's performance model at the configuration's clock: a call returns no
   earlier than the model says the board would.
 
-What ``fpga:emu`` is today: MiniLM bundles for the accelerator are still being built, so the
-emulated board computes embedding *values* with the CPU reference model (``values="cpu-reference"``,
-reported by :meth:`FpgaDevice.describe` and ``/health``) and *paces* each batch to
-:class:`~weft.sw.devices.cost.FpgaCostModel` (the MiniLM GEMMs on the configuration, at
-``clock_mhz``). Its latencies are the board's predicted ones; its values are not yet the int8
-accelerator's. :meth:`FpgaDevice.run_bundle` already runs real bundles through the executor,
-paced the same way.
+Where embedding *values* come from (reported as ``values`` by :meth:`FpgaDevice.describe`,
+``/health`` and ``/v1/models``):
+
+* ``fpga:emu`` computes them with the CPU reference model (``values="cpu-reference"``) and *paces*
+  each batch to :class:`~weft.sw.devices.cost.FpgaCostModel` (the MiniLM GEMMs on the
+  configuration, at ``clock_mhz``): the board's predicted latency, float values.
+* ``fpga:golden`` (an :class:`EncoderBundle` given to the device) runs MiniLM compiled to an int8
+  program bundle for the configuration, one sentence per run, through the executor
+  (``values="bundle:golden"``: the bit-exact model; ``"bundle:driver"``: the twin or a board), then
+  mean-pools and normalizes on the host. In ``emu`` mode it is paced the same way.
+
+:meth:`FpgaDevice.run_bundle` runs any bundle through the executor, paced the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from .base import Capabilities, Device, DeviceError, MemoryInfo, ModelInfo
 from .cost import FpgaCostModel
 from .models import ModelSet
 
-__all__ = ["BundleExecutor", "GoldenExecutor", "DriverExecutor", "FpgaDevice", "roofline_seconds"]
+__all__ = ["BundleExecutor", "GoldenExecutor", "DriverExecutor", "EncoderBundle", "FpgaDevice",
+           "roofline_seconds"]
 
 
 class BundleExecutor(Protocol):
@@ -69,6 +75,64 @@ class DriverExecutor:
         return outputs, self.device.counters()
 
 
+class EncoderBundle:
+    """MiniLM compiled for one accelerator configuration at a fixed sequence length: the int8
+    program bundle, the host part of the graph (token and position embeddings, run on the host
+    before each bundle run) and the tokenizer. :meth:`embed` gives sentence embeddings computed
+    by the bundle on an executor."""
+
+    def __init__(self, bundle, host_graph, tokenizer, seq_len: int, hidden: int) -> None:
+        self.bundle, self.host, self.tokenizer = bundle, host_graph, tokenizer
+        self.seq_len, self.hidden = seq_len, hidden
+        self.input_names = {v.name for v in host_graph.inputs}
+
+    @classmethod
+    def compile(cls, minilm, config, *, seq_len: int = 32, calibration=None) -> EncoderBundle:
+        """Export ``minilm`` (a :class:`weft.sw.models.minilm.MiniLM`) to ONNX at ``seq_len``,
+        calibrate on ``calibration`` sentences (default: the built-in set), quantize and lower
+        it for ``config`` (the same pipeline as ``weft embed``)."""
+        from weft.compiler.frontend import import_onnx
+        from weft.compiler.lower import lower
+        from weft.compiler.pipeline import host_graph, quantize_for_device
+        from weft.sw.accuracy import CALIBRATION_SENTENCES
+
+        if not (isinstance(seq_len, int) and 2 <= seq_len <= minilm.config.max_position_embeddings):
+            raise DeviceError(f"seq_len must be 2..{minilm.config.max_position_embeddings}, got {seq_len!r}")
+        graph = import_onnx(minilm.export_onnx(seq_len=seq_len))
+        names = {v.name for v in graph.inputs}
+        sentences = list(calibration or CALIBRATION_SENTENCES)
+        feeds = [{k: v for k, v in _feeds(minilm.tokenizer, s, seq_len).items() if k in names} for s in sentences]
+        bundle = lower(quantize_for_device(graph, feeds), config, model="all-MiniLM-L6-v2",
+                       metadata={"seq_len": seq_len})
+        return cls(bundle, host_graph(graph), minilm.tokenizer, seq_len, minilm.config.hidden_size)
+
+    def embed(self, executor: BundleExecutor, texts: list[str]) -> tuple[np.ndarray, list]:
+        """(embeddings ``(len(texts), hidden)`` float32, unit norm; the executor's stats per run).
+        Sentences longer than ``seq_len`` tokens are truncated, as the tokenizer does."""
+        from weft.compiler.pipeline import device_outputs, host_inputs
+
+        out = np.zeros((len(texts), self.hidden), np.float32)
+        stats = []
+        for i, text in enumerate(texts):
+            feeds = _feeds(self.tokenizer, text, self.seq_len)
+            inputs = host_inputs(self.host, {k: v for k, v in feeds.items() if k in self.input_names}, self.bundle)
+            outputs, st = executor.run(self.bundle, inputs)
+            stats.append(st)
+            h = next(iter(device_outputs(self.bundle, outputs).values())).astype(np.float64)
+            h = h.reshape(-1, h.shape[-1])[: self.seq_len]
+            mask = feeds["attention_mask"][0].astype(np.float64)[:, None]
+            pooled = (h * mask).sum(axis=0) / max(mask.sum(), 1.0)
+            out[i] = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+        return out, stats
+
+
+def _feeds(tokenizer, text: str, seq_len: int) -> dict[str, np.ndarray]:
+    enc = tokenizer([text], max_length=seq_len, padding="max_length")
+    ids = np.asarray(enc.input_ids, np.int64)
+    return {"input_ids": ids, "attention_mask": np.asarray(enc.attention_mask, np.int64),
+            "token_type_ids": np.zeros_like(ids)}
+
+
 def roofline_seconds(config, macs: int, bytes_moved: int) -> float:
     """Board time of a run from its counts: max(compute at peak MACs, bytes over the bus)."""
     cycles = max(macs / config.macs_per_cycle, bytes_moved / config.bus_bytes)
@@ -76,15 +140,16 @@ def roofline_seconds(config, macs: int, bytes_moved: int) -> float:
 
 
 class FpgaDevice(Device):
-    """An FPGA device. ``mode="emu"``: emulated board (values computed on the host, paced to the
-    performance model); ``mode="board"``: a real or twin board behind ``executor`` (its latency
-    is whatever the board takes; no pacing)."""
+    """An FPGA device. ``mode="emu"``: emulated board (paced to the performance model);
+    ``mode="board"``: a real or twin board behind ``executor`` (its latency is whatever the board
+    takes; no pacing). With ``encoder`` (an :class:`EncoderBundle`) embeddings are computed by the
+    compiled bundle on ``executor``; without, by the CPU reference model (``emu`` only)."""
 
     kind = "fpga"
 
     def __init__(self, config, *, models: ModelSet | None = None, executor: BundleExecutor | None = None,
                  mode: str = "emu", name: str | None = None, max_embed_batch: int = 32,
-                 host_overhead_s: float = 0.0005) -> None:
+                 host_overhead_s: float = 0.0005, encoder: EncoderBundle | None = None) -> None:
         if mode not in ("emu", "board"):
             raise DeviceError(f"FPGA mode must be 'emu' or 'board', got {mode!r}")
         super().__init__(name or f"fpga:{mode}")
@@ -92,18 +157,22 @@ class FpgaDevice(Device):
         self.mode = mode
         self.executor = executor or GoldenExecutor(config)
         self.minilm = models.minilm if models is not None else None
-        encoder = {}
+        shape = {}
         if self.minilm is not None:
             c = self.minilm.config
-            encoder = dict(hidden=c.hidden_size, heads=c.num_attention_heads,
-                           intermediate=c.intermediate_size, layers=c.num_hidden_layers)
-        self._cost = FpgaCostModel(config, host_overhead_s=host_overhead_s, encoder=encoder)
+            shape = dict(hidden=c.hidden_size, heads=c.num_attention_heads,
+                         intermediate=c.intermediate_size, layers=c.num_hidden_layers)
+        self._cost = FpgaCostModel(config, host_overhead_s=host_overhead_s, encoder=shape)
         # The board model's latency, never corrected: what pacing waits for.
-        self._board = FpgaCostModel(config, host_overhead_s=host_overhead_s, encoder=encoder)
+        self._board = FpgaCostModel(config, host_overhead_s=host_overhead_s, encoder=shape)
         self._caps = Capabilities(
             embed_models=frozenset({"minilm"} if self.minilm is not None else ()),
             max_embed_batch=max_embed_batch)
-        self.values = "cpu-reference" if mode == "emu" else "board"
+        self.encoder = encoder
+        if encoder is not None:
+            self.values = f"bundle:{self.executor.name}"
+        else:
+            self.values = "cpu-reference" if mode == "emu" else "board"
         self.paced_s = 0.0  # total time spent waiting for the board model
 
     @property
@@ -128,6 +197,7 @@ class FpgaDevice(Device):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "mode": self.mode, "values": self.values,
                 "executor": self.executor.name, "config": self.config.name,
+                "seq_len": self.encoder.seq_len if self.encoder is not None else None,
                 "clock_mhz": self.config.clock_mhz}
 
     # ------------------------------------------------------------ execution
@@ -140,9 +210,11 @@ class FpgaDevice(Device):
         return out
 
     def _embed(self, model: str, texts: list[str]) -> np.ndarray:
+        if self.encoder is not None:
+            return self.encoder.embed(self.executor, texts)[0]
         if self.mode == "board":
-            raise DeviceError("MiniLM bundles for the accelerator are not built yet; "
-                              "use fpga:emu (host values, board-paced)")
+            raise DeviceError("a board serves MiniLM through a compiled encoder: "
+                              "pass encoder=EncoderBundle.compile(...)")
         return self.minilm.encode(texts, batch_size=max(1, len(texts)))
 
     async def run_bundle(self, bundle, inputs: Mapping[str, np.ndarray]):

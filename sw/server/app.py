@@ -2,7 +2,11 @@
 
 Endpoints: ``POST /v1/chat/completions`` (SSE streaming, tools/tool_choice), ``POST /v1/completions``,
 ``POST /v1/embeddings`` (float or base64), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
-(Prometheus), and agent runs under ``/v1/agents/runs`` when an agent runner is attached.
+(Prometheus), and agent runs (:mod:`weft.sw.agents`): ``POST /v1/agents/runs`` (start; ``"stream":
+true`` answers with the event stream), ``GET /v1/agents/runs/{id}`` (status and result),
+``GET /v1/agents/runs/{id}/events`` (server-sent events, replayed from the start or after
+``Last-Event-ID``), ``POST /v1/agents/runs/{id}/tool_outputs`` (outputs of client tools),
+``POST /v1/agents/runs/{id}/cancel``.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 invalid
 request (schema, sizes, context length), 401 bad or missing bearer token (when ``api_key`` is
@@ -30,7 +34,8 @@ from weft.sw.devices import canonical_model
 from weft.sw.scheduler import SLO, Engine, NoDevice, Overloaded, Request, RequestFailed
 
 from .metrics import Metrics
-from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, error_body)
+from .protocol import (AgentRunRequest, ApiError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                       ToolOutputsRequest, error_body)
 from .tools import ToolCallConstraint, parse_tool_calls, tools_system_prompt
 
 __all__ = ["ServerSettings", "create_app"]
@@ -48,6 +53,7 @@ class ServerSettings:
     policy: str = "slo"
     slo: SLO = field(default_factory=SLO)
     session_ttl_s: float = 30.0
+    max_agent_runs: int = 32  # active agent runs before 429
 
 
 def _err(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
@@ -93,9 +99,16 @@ class _BodyLimit:
 def create_app(devices_factory: Callable[[], Sequence] | None = None, *, engine: Engine | None = None,
                settings: ServerSettings | None = None, agents=None) -> FastAPI:
     """The app. Devices are built at start-up by ``devices_factory`` (inside the server's event
-    loop) unless an ``engine`` is given (then the caller starts and stops it)."""
+    loop) unless an ``engine`` is given (then the caller starts and stops it). ``agents``: the
+    :class:`~weft.sw.agents.AgentRunner` behind ``/v1/agents/runs`` (default: one with the
+    default tools)."""
+    from weft.sw.agents import AgentRunner  # here: weft.sw.agents imports weft.sw.server.tools
+
     settings = settings or ServerSettings()
+    if agents is None:
+        agents = AgentRunner(max_active=settings.max_agent_runs, slo=settings.slo)
     metrics = Metrics()
+    agents.on_finish.append(metrics.observe_run)
     state: dict = {"engine": engine}
 
     @asynccontextmanager
@@ -107,11 +120,11 @@ def create_app(devices_factory: Callable[[], Sequence] | None = None, *, engine:
             await eng.start()
             state["engine"] = eng
         metrics.attach(state["engine"])
-        if agents is not None:
-            agents.bind(state["engine"])
+        agents.bind(state["engine"])
         try:
             yield
         finally:
+            await agents.close()
             if own:
                 await state["engine"].stop()
 
@@ -345,8 +358,78 @@ def create_app(devices_factory: Callable[[], Sequence] | None = None, *, engine:
                                    "logprobs": None}],
                       "usage": _usage(len(prompt), len(req.output))})
 
-    if agents is not None:
-        agents.mount(app, check_auth)
+    # ------------------------------------------------------------------ agent runs
+    from weft.sw.agents import RunnerBusy, RunNotWaiting, SpecError
+
+    app.state.agents = agents
+
+    def get_run(run_id: str):
+        run = agents.get(run_id)
+        if run is None:
+            raise ApiError(404, f"no agent run {run_id!r} (unknown, or finished long ago and dropped)",
+                           param="run_id", code="run_not_found")
+        return run
+
+    @app.post("/v1/agents/runs")
+    async def start_run(body: AgentRunRequest, request: HttpRequest):
+        check_auth(request)
+        try:
+            run = agents.start(body.agent, body.input)
+        except SpecError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="invalid_agent") from None
+        except RunnerBusy as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="overloaded",
+                           headers={"Retry-After": "1"}) from None
+        if body.stream:
+            return StreamingResponse(_run_events(run, -1), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _json(run.to_dict())
+
+    @app.get("/v1/agents/runs")
+    async def list_runs(request: HttpRequest):
+        check_auth(request)
+        return _json({"object": "list", "data": [{"id": r.id, "object": "agent.run", "agent": r.spec.name,
+                                                  "status": r.status, "created_at": r.created}
+                                                 for r in agents.runs.values()]})
+
+    @app.get("/v1/agents/runs/{run_id}")
+    async def run_status(run_id: str, request: HttpRequest):
+        check_auth(request)
+        return _json(get_run(run_id).to_dict())
+
+    @app.get("/v1/agents/runs/{run_id}/events")
+    async def run_events(run_id: str, request: HttpRequest, after: int | None = None):
+        check_auth(request)
+        run = get_run(run_id)
+        last = request.headers.get("last-event-id")
+        if after is None and last is not None:
+            if not last.strip().lstrip("-").isdigit():
+                raise ApiError(400, f"Last-Event-ID must be an event number, got {last!r}", param="Last-Event-ID")
+            after = int(last)
+        return StreamingResponse(_run_events(run, -1 if after is None else after), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/agents/runs/{run_id}/tool_outputs")
+    async def tool_outputs(run_id: str, body: ToolOutputsRequest, request: HttpRequest):
+        check_auth(request)
+        get_run(run_id)
+        try:
+            run = agents.submit_tool_outputs(run_id, [o.model_dump() for o in body.tool_outputs])
+        except RunNotWaiting as exc:
+            raise ApiError(409, str(exc), param="run_id", code="run_not_waiting") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="tool_outputs", code="unknown_tool_call") from None
+        await asyncio.sleep(0)  # let the run take the outputs before answering with its state
+        return _json(run.to_dict())
+
+    @app.post("/v1/agents/runs/{run_id}/cancel")
+    async def cancel_run(run_id: str, request: HttpRequest):
+        check_auth(request)
+        run = get_run(run_id)
+        agents.cancel(run_id)
+        if run.task is not None:
+            await asyncio.wait([run.task], timeout=5.0)
+        return _json(run.to_dict())
 
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     return app
@@ -523,6 +606,15 @@ async def _stream_chat(req, info, rid, created, model, stops, use_tools, names, 
     finally:
         if not req.done:
             req.cancel()  # the client went away (or the stream ended early)
+    yield b"data: [DONE]\n\n"
+
+
+async def _run_events(run, after: int):
+    """An agent run's events as server-sent events (``id`` = event number, ``event`` = type),
+    then ``data: [DONE]``. Leaving the stream does not cancel the run."""
+    async for ev in run.follow(after):
+        yield (f"id: {ev['seq']}\nevent: {ev['type']}\n".encode()
+               + b"data: " + json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n\n")
     yield b"data: [DONE]\n\n"
 
 

@@ -63,6 +63,9 @@ class Metrics:
         self.slo_met = Counter("weft_slo_met", "Requests that met their SLO", ["model", "op"], registry=r)
         self.http = Counter("weft_http_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
         self.tokens = Counter("weft_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.agent_runs = Counter("weft_agent_runs", "Agent runs finished, by status", ["agent", "status"], registry=r)
+        self.agent_seconds = Histogram("weft_agent_run_seconds", "Agent run duration, start to end", ["agent"],
+                                       buckets=_LAT + (60.0, 120.0, 300.0), registry=r)
         self._collector = None
 
     def attach(self, engine) -> None:
@@ -70,6 +73,12 @@ class Metrics:
             self._collector = _EngineCollector(engine)
             self.registry.register(self._collector)
         engine.on_finish.append(self.observe)
+
+    def observe_run(self, run) -> None:
+        """An agent run ended (:class:`weft.sw.agents.AgentRun`)."""
+        self.agent_runs.labels(run.spec.name, run.status).inc()
+        if run.started is not None and run.finished is not None:
+            self.agent_seconds.labels(run.spec.name).observe(run.finished - run.started)
 
     def observe(self, req) -> None:
         dev = req.device or "none"

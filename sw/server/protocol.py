@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from weft.sw.agents.spec import AgentSpec
+
 __all__ = ["ApiError", "error_body", "ChatMessage", "ToolFunction", "Tool", "ChatCompletionRequest",
-           "CompletionRequest", "EmbeddingRequest", "AgentRunRequest"]
+           "CompletionRequest", "EmbeddingRequest", "AgentRunRequest", "ToolOutputsRequest"]
 
 
 class ApiError(Exception):
@@ -108,6 +110,24 @@ class EmbeddingRequest(_Model):
     user: str | None = None
 
 
-class AgentRunRequest(_Model):
-    program: dict[str, Any]
-    inputs: dict[str, Any] = Field(default_factory=dict)
+class ToolOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tool_call_id: str = Field(max_length=64)
+    output: Any = None
+
+
+class ToolOutputsRequest(BaseModel):
+    """``POST /v1/agents/runs/{id}/tool_outputs``: outputs of the client tool calls a run waits for."""
+
+    model_config = ConfigDict(extra="forbid")
+    tool_outputs: list[ToolOutput] = Field(min_length=1, max_length=32)
+
+
+class AgentRunRequest(BaseModel):
+    """``POST /v1/agents/runs``: the agent spec (see :mod:`weft.sw.agents.spec`), its inputs
+    (read by templates as ``input.NAME``) and whether to answer with the event stream."""
+
+    model_config = ConfigDict(extra="forbid")
+    agent: AgentSpec
+    input: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
