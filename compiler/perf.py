@@ -32,7 +32,8 @@ from weft.hw.config import AcceleratorConfig
 from .gemm import plan_gemm
 from .ir import Graph
 
-__all__ = ["GemmCost", "gemm_cost", "graph_gemms", "model_cost", "perf_table"]
+__all__ = ["GemmCost", "gemm_cost", "graph_gemms", "model_cost", "perf_table", "Segment", "layer_segments",
+           "TimingParams", "program_cost", "segment_cycles", "program_macs"]
 
 
 @dataclass(frozen=True)
@@ -137,3 +138,229 @@ def perf_table(config: AcceleratorConfig, graph: Graph, *, short_names: bool = T
                  f"({total / config.clock_mhz / 1e3:.2f} ms at {config.clock_mhz:g} MHz), "
                  f"{dma / 1e6:.2f} MB moved, utilization {util:.1%}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- program-level model
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive kernels of a bundle's program (a layer, or one kernel)."""
+
+    name: str
+    layer: str
+    first: int
+    count: int
+    kernels: tuple[str, ...]
+    ops: tuple[str, ...]
+
+
+def layer_segments(bundle, per: str = "layer") -> list[Segment]:
+    """The bundle's program cut into consecutive pieces from its kernel table
+    (``metadata["kernels"]``, written by :func:`weft.compiler.lower.lower`): one per layer
+    (``per="layer"``; the layer names of the kernels, in program order) or one per kernel
+    (``per="kernel"``). The pieces cover the whole program; instructions between or after
+    kernels (the final ``halt``) join the piece before them."""
+    if per not in ("layer", "kernel"):
+        raise ValueError(f"per={per!r}: use 'layer' or 'kernel'")
+    kernels = (getattr(bundle, "metadata", None) or {}).get("kernels") or []
+    n = len(bundle.program)
+    if not kernels:
+        return [Segment("program", "program", 0, n, (), ())]
+    out: list[list] = []
+    for k in sorted(kernels, key=lambda k: k["first"]):
+        key = k["layer"] if per == "layer" else k["name"]
+        if out and out[-1][0] == key and per == "layer":
+            out[-1][3].append(k["name"])
+            out[-1][4].append(k["op"] or "prologue")
+            continue
+        out.append([key, k["layer"], k["first"], [k["name"]], [k["op"] or "prologue"]])
+    segs = []
+    for i, (name, layer, first, names, ops) in enumerate(out):
+        first = 0 if i == 0 else first
+        end = out[i + 1][2] if i + 1 < len(out) else n
+        segs.append(Segment(name, layer, first, end - first, tuple(names), tuple(ops)))
+    return segs
+
+
+@dataclass(frozen=True)
+class TimingParams:
+    """Latencies of the core's units (``hw/units.py``, ``hw/dma.py``, ``hw/vector.py``) that
+    the program-level model uses; each was read from the RTL's documented timing or measured
+    on it (docs/compiler.md, "Performance model")."""
+
+    read_latency: int = 5  #: DMA read command -> first row written (memory answering at once)
+    store_overhead: int = 8  #: STORE command -> AW, first W, last B, wr_done (besides the beats)
+    preload_per_row: float = 3.0  #: PRELOAD cycles per weight-tile row read
+    requant_latency: int = 6  #: REQUANT last row read -> written, and the parameter-row reads
+    vector_overhead: int = 10  #: VMAP/VBIN/VROW pipeline fill and drain per instruction
+    queue_depth: int = 8  #: instruction FIFO per queue when the configuration does not say
+    load_jobs: int = 4  #: LOADs in flight
+    fetch_ahead: int = 8  #: instructions fetched ahead of dispatch (the fetch FIFO)
+
+
+def _vector_cycles(ins, config: AcceleratorConfig, p: TimingParams) -> int:
+    """Cycles the row engine spends on one VMAP / VBIN / VROW (from its per-row throughput,
+    docs/hardware.md, "Vector unit throughput")."""
+    from weft.hw.isa import Opcode, VROW_FUNCS
+
+    a = ins.args
+    rows = int(a.get("rows", 0))
+    if rows == 0:
+        return 1
+    if ins.opcode == Opcode.VMAP:
+        return rows + p.vector_overhead
+    if ins.opcode == Opcode.VBIN:
+        return 2 * rows + p.vector_overhead
+    func = VROW_FUNCS[a["func"]] if isinstance(a["func"], int) else str(a["func"])
+    E = config.acc_row_elems if a.get("src_mem", 1) else config.sp_row_elems
+    slices = -(-int(a["len"]) // E)
+    if func == "softmax":
+        per = 3 * slices + 56.5
+    elif func in ("layernorm", "rmsnorm"):
+        per = 5 * slices + 106.5
+    else:
+        per = slices + 4
+    return int(round(rows * per)) + p.vector_overhead
+
+
+def program_cost(config: AcceleratorConfig, program, params: TimingParams | None = None) -> list[int]:
+    """Model the core running ``program`` (a list of :class:`weft.hw.isa.Instruction`):
+    in-order dispatch (one instruction per fetch, ``FENCE``/``HALT`` wait for every queue to
+    drain) into four queues that run concurrently and hand each other dependency tokens;
+    LOADs share the DMA read channel (one bus beat per cycle, instruction fetch first),
+    STOREs the write channel (one at a time); PRELOAD overlaps the previous MATMUL; MATMUL
+    streams one row per cycle; REQUANT ``cols / lanes`` cycles per row; the row engine's
+    per-row costs. Returns the cycle at which each instruction completes (FENCE/HALT: when
+    they dispatch), so the cycles of instructions ``[a, b)`` ending in a fence are
+    ``t[b - 1] - t[a - 1]``."""
+    from collections import deque
+
+    from weft.hw.isa import INSTR_BYTES, Mem, Opcode, Queue
+
+    p = params or TimingParams()
+    B = config.bus_bytes
+    R, C = config.array.rows, config.array.cols
+    lanes = config.vector.lanes
+    fetch_beats = -(-INSTR_BYTES // B)
+    depth = getattr(getattr(config, "queues", None), "depth", p.queue_depth)
+    tokens: dict = {}
+    unit_free = {q: 0 for q in Queue}
+    issued: dict = {q: deque() for q in Queue}  # issue times of the last queue_depth instructions
+    load_done: deque = deque()
+    read_free = write_free = 0
+    stream_free = 0  # the array accepts the next MATMUL row
+    last_swap = -10**9  # cycle the last preloaded tile was swapped in
+    preload_done = None  # completion of a preload not yet swapped in
+    t_disp = 0
+    done_all = 0
+    out = []
+    for ins in program:
+        op = ins.opcode
+        if op in (Opcode.FENCE, Opcode.HALT):
+            t_disp = max(t_disp + fetch_beats, done_all + 1)
+            out.append(t_disp)
+            continue
+        q = ins.queue
+        fifo = issued[q]
+        d = t_disp + fetch_beats  # fetch delivers one instruction per ceil(16 / bus bytes) cycles
+        if len(fifo) >= depth:
+            d = max(d, fifo.popleft())
+        t_disp = d
+        # instruction fetch shares the read channel (first priority), running ahead of dispatch
+        # by up to the fetch FIFO: its beats delay the loads queued behind them
+        read_free = max(read_free, d - p.fetch_ahead * fetch_beats) + fetch_beats
+        ready = max(d + 1, unit_free[q])
+        for src in ins.wait:
+            lst = tokens.get((src, q))
+            if lst:
+                ready = max(ready, lst.popleft())
+        a = ins.args
+        if op == Opcode.TOKEN:
+            start, complete = ready, ready + 1
+            unit_free[q] = complete
+        elif op == Opcode.LOAD:
+            if len(load_done) >= p.load_jobs:
+                ready = max(ready, load_done.popleft())
+            rows, cols = int(a["rows"]), int(a["cols"])
+            n = cols * (4 if a["mem"] == Mem.ACC else 1)
+            if rows == 0 or n == 0:
+                start = ready
+                complete = start + rows + 1
+            else:
+                o, s = int(a["dram"]) % B, int(a["stride"]) % B
+                beats = 0
+                if s == 0:
+                    bus = -(-(o + n) // B)
+                    beats = rows * (bus + (1 if o and bus == -(-n // B) else 0))
+                else:
+                    for r in range(rows):
+                        orow = (o + r * s) % B
+                        bus = -(-(orow + n) // B)
+                        beats += bus + (1 if orow and bus == -(-n // B) else 0)
+                start = max(ready, read_free)
+                read_free = start + beats
+                complete = read_free + p.read_latency
+            unit_free[q] = start + 1
+            load_done.append(complete)
+        elif op == Opcode.STORE:
+            rows, cols = int(a["rows"]), int(a["cols"])
+            n = cols * (4 if a["mem"] == Mem.ACC else 1)
+            o, s = int(a["dram"]) % B, int(a["stride"]) % B
+            beats = sum(-(-(((o + r * s) % B) + n) // B) for r in range(rows)) if s else rows * -(-(o + n) // B)
+            start = max(ready, write_free)
+            complete = start + beats + p.store_overhead
+            write_free = unit_free[q] = complete
+        elif op == Opcode.PRELOAD:
+            rows = int(a["n"]) if a.get("transpose") else int(a["k"])
+            start = max(ready, last_swap + R + C)  # the array holds a swapped-in tile rows + cols cycles
+            complete = start + int(round(p.preload_per_row * rows))
+            preload_done = complete
+            unit_free[q] = start + 1
+        elif op == Opcode.MATMUL:
+            m = int(a["m"])
+            start = max(ready, stream_free)
+            if preload_done is not None:
+                start = max(start, preload_done)
+                last_swap = start
+                preload_done = None
+            stream_free = start + m
+            complete = start + m + R + C + 2
+            unit_free[q] = start + 1
+        elif op == Opcode.REQUANT:
+            start = ready
+            complete = start + 2 + int(a["rows"]) * max(1, C // lanes) + p.requant_latency
+            unit_free[q] = complete
+        else:  # VBIN / VMAP / VROW
+            start = ready
+            complete = start + _vector_cycles(ins, config, p)
+            unit_free[q] = complete
+        fifo.append(start)
+        for dst in ins.signal:
+            tokens.setdefault((q, dst), deque()).append(complete)
+        done_all = max(done_all, complete)
+        out.append(complete)
+    return out
+
+
+def segment_cycles(config: AcceleratorConfig, bundle, segments: list[Segment],
+                   params: TimingParams | None = None) -> list[int]:
+    """Modelled cycles of each segment, each run on its own (as the twin's per-segment runs:
+    the core starts empty, and the segment ends at its last fence/halt)."""
+    out = []
+    for s in segments:
+        t = program_cost(config, bundle.program[s.first:s.first + s.count], params)
+        out.append(int(t[-1]) if t else 0)
+    return out
+
+
+def program_macs(program) -> int:
+    """Useful multiply-accumulates of a program: each MATMUL's ``m x k`` rows times the
+    columns of the tile preloaded before it."""
+    from weft.hw.isa import Opcode
+
+    n, macs = 0, 0
+    for ins in program:
+        if ins.opcode == Opcode.PRELOAD:
+            n = int(ins.args["n"])
+        elif ins.opcode == Opcode.MATMUL:
+            macs += int(ins.args["m"]) * int(ins.args["k"]) * n
+    return macs

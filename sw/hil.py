@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -200,12 +201,16 @@ class HilSession:
         self.launch_s = 0.0
         t0 = time.monotonic()
         if self.target == "twin":
-            from ..hw.core import Core
-            from ..sim.twin import Twin
+            from ..sim.twin import DEFAULT_TOP, Twin, core_verilog
             from .driver import TwinTransport
 
-            self.twin = Twin.launch(self.design if self.design is not None else Core(self.config), self.config,
-                                    **self.launch_kwargs)
+            kwargs = dict(self.launch_kwargs)
+            if self.design is None:  # the core's Verilog, cached (converting the default core takes ~20 s)
+                design = core_verilog(self.config)
+                kwargs.setdefault("name", DEFAULT_TOP)
+            else:
+                design = self.design
+            self.twin = Twin.launch(design, self.config, **kwargs)
             try:
                 self.device = Device.open(TwinTransport(self.twin), self.config)
             except BaseException:
@@ -223,6 +228,19 @@ class HilSession:
     @property
     def is_twin(self) -> bool:
         return self.twin is not None
+
+    def twin_cpu_s(self) -> float | None:
+        """CPU seconds the twin process has used so far (None for a board or a twin this session
+        did not launch). On a shared machine, simulated cycles per CPU second measure the
+        twin's speed; per wall second they also measure the other jobs."""
+        if self.twin is None:
+            return None
+        try:
+            with open(f"/proc/{self.twin.process.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
 
     def describe(self) -> str:
         return self.device.transport.describe() if self.device else self.target
@@ -263,6 +281,72 @@ class HilSession:
         counters = {k: v - before.get(k, 0) for k, v in after.items()}
         return dev.read_outputs(bundle), counters
 
+    def run_segments(self, bundle: Bundle, inputs: Mapping[str, np.ndarray], segments, *,
+                     watchdog_cycles: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     progress=None) -> tuple[dict[str, np.ndarray], dict[str, int], list[dict[str, int]]]:
+        """Run ``bundle`` as consecutive pieces of its program and measure each one.
+
+        ``segments``: ``(first, count)`` instruction ranges that cover the program in order,
+        each ending where the program's own work is drained (after a kernel's ``fence``;
+        :func:`weft.compiler.perf.layer_segments` gives them per layer or per kernel). For
+        each piece the instruction after it is replaced by a ``halt`` (restored after),
+        ``PROGRAM_ADDR``/``PROGRAM_COUNT`` point at the piece, and the core runs it from the
+        state the previous piece left; the counters of each run are that piece's. The
+        outputs are the whole program's (every kernel reads and writes device memory only).
+        Each piece costs a few cycles of start-up (its first instruction fetch) that the
+        whole run hides. Returns (outputs, total counters, per-segment counters).
+        """
+        from ..hw.isa import INSTR_BYTES, Instruction, Opcode
+
+        dev = self.device
+        if dev is None:
+            raise RuntimeError("the session is closed")
+        bundle.check_config(self.config)
+        program = bundle.program
+        segments = [(int(f), int(c)) for f, c in segments]
+        pos = 0
+        for first, count in segments:
+            if first != pos or count <= 0:
+                raise ValueError(f"segments must cover the program in order: got ({first}, {count}) at {pos}")
+            pos = first + count
+        if pos != len(program):
+            raise ValueError(f"segments cover {pos} of the program's {len(program)} instructions")
+        if not program or program[-1].opcode != Opcode.HALT:
+            raise ValueError("the program must end with a halt to run it in segments")
+        dev.load_bundle(bundle)
+        dev.write_inputs(inputs, bundle)
+        dev.write_reg("WATCHDOG", int(watchdog_cycles or 0))
+        halt = Instruction.make(Opcode.HALT).encode()
+        base = bundle.program_address
+        per: list[dict[str, int]] = []
+        start = dev.counters()
+        before = start
+        try:
+            for i, (first, count) in enumerate(segments):
+                end = first + count
+                patch = program[end - 1].opcode != Opcode.HALT
+                if patch:
+                    original = program[end].encode()
+                    dev.write_mem(base + end * INSTR_BYTES, halt)
+                dev.write_reg("PROGRAM_ADDR", base + first * INSTR_BYTES)
+                dev.write_reg("PROGRAM_COUNT", count + (1 if patch else 0))
+                try:
+                    dev.start()
+                    dev.wait(timeout_s=timeout_s)
+                finally:
+                    if patch:
+                        dev.write_mem(base + end * INSTR_BYTES, original)
+                after = dev.counters()
+                per.append({k: v - before.get(k, 0) for k, v in after.items()})
+                before = after
+                if progress is not None:
+                    progress(i, per[-1])
+        finally:
+            dev.write_reg("PROGRAM_ADDR", base)
+            dev.write_reg("PROGRAM_COUNT", len(program))
+        total = {k: v - start.get(k, 0) for k, v in before.items()}
+        return dev.read_outputs(bundle), total, per
+
 
 def run_on_twin(bundle: Bundle, inputs: Mapping[str, np.ndarray], config: AcceleratorConfig, *,
                 watchdog_cycles: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -295,11 +379,15 @@ def compare_with_golden(bundle: Bundle, inputs: Mapping[str, np.ndarray], config
     from ..sim.golden import run_bundle
 
     bundle.check_config(config)
-    expected, stats = run_bundle(bundle, inputs, config)
-    t0 = time.monotonic()
-    outputs, counters = run_on_twin(bundle, inputs, config, watchdog_cycles=watchdog_cycles, timeout_s=timeout_s,
-                                    session=session)
-    wall = time.monotonic() - t0
+    # The bit-exact model runs in a thread while the device runs (the twin is another process;
+    # this thread only waits on its socket), so the comparison costs max(device, model).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        golden = pool.submit(run_bundle, bundle, inputs, config)
+        t0 = time.monotonic()
+        outputs, counters = run_on_twin(bundle, inputs, config, watchdog_cycles=watchdog_cycles,
+                                        timeout_s=timeout_s, session=session)
+        wall = time.monotonic() - t0
+        expected, stats = golden.result()
     diff = first_difference(outputs, expected)
     return Comparison(diff is None, diff, outputs, expected, counters,
                       performance(counters, config, macs=macs if macs is not None else _gemm_macs(bundle)),

@@ -57,9 +57,13 @@ __all__ = [
     "TwinBuild",
     "TwinInfo",
     "RunResult",
+    "UartInfo",
+    "has_uart_ports",
     "cache_root",
     "harness_sources",
     "build",
+    "core_verilog",
+    "DEFAULT_OPT",
     "TwinClient",
     "Twin",
 ]
@@ -85,6 +89,7 @@ class Op:
     TRACE = 9
     SET_LATENCY = 10
     SHUTDOWN = 11
+    UART_INFO = 12
 
     @classmethod
     def name(cls, code: int) -> str:
@@ -151,6 +156,21 @@ def harness_sources() -> list[Path]:
     return sorted(p for p in _HERE.iterdir() if p.suffix in (".cpp", ".h"))
 
 
+_UART_PORTS = ("uart_rx", "uart_tx", "uart_busy", "uart_clocks_per_bit")
+
+
+def has_uart_ports(verilog_text: str) -> bool:
+    """Whether the Verilog declares the ports of :class:`weft.hw.uart.UartTop` (the twin then
+    plays the far end of its serial line on a pseudo-terminal; see ``harness.cpp``)."""
+    decl = r"^\s*(input|output)\s+(wire\s+)?(\[[^\]]*\]\s*)?"
+    found = [p for p in _UART_PORTS if re.search(rf"{decl}{p}\s*[;,)]", verilog_text, re.M)]
+    if found and len(found) != len(_UART_PORTS):
+        missing = sorted(set(_UART_PORTS) - set(found))
+        raise ValueError(f"the top has UART ports {found} but not {missing}: a UART twin needs all of "
+                         f"{list(_UART_PORTS)}")
+    return bool(found)
+
+
 @dataclass(frozen=True)
 class TwinBuild:
     """A built twin: the executable, its folder, and whether this call built it."""
@@ -181,7 +201,22 @@ def _have_header(header: str, env: dict[str, str]) -> bool:
     return r.returncode == 0
 
 
-def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = "-O1", jobs: int = 1,
+#: C++ optimisation of the Verilated model and the harness. -O2 runs the default core about
+#: 2x faster than -O1 for about 1.5x the compile time (docs/hil.md, "Speed").
+DEFAULT_OPT = "-O2"
+#: Verilator options for speed: its own full optimisation; X values resolved the cheap way
+#: (weft's RTL resets every register it reads, so no X reaches an output).
+SPEED_FLAGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast")
+
+
+def _harness_key() -> str:
+    h = hashlib.sha256()
+    for src in harness_sources():
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = DEFAULT_OPT, jobs: int = 1,
           timeout_s: float = 1800) -> TwinBuild:
     """Build the twin for ``verilog_text`` (toplevel module ``top``) unless a cached build exists.
 
@@ -189,6 +224,11 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
     development headers, Debian ``liblz4-dev``), ``"vcd"`` (``--trace``, no extra library).
     ``opt`` is the C++ optimisation level of the model and harness; ``jobs`` the parallel
     compile jobs (keep 1 on small machines).
+
+    Two cache levels: the Verilated model (``.cache/twin/<key>/obj_dir``) is keyed by the
+    Verilog text, the Verilator version and the build options, and is compiled only when
+    one of them changes; the executable (``obj_dir/twin_sim-<harness hash>``) is keyed by
+    the harness sources, so a harness change recompiles one file and relinks (seconds).
     """
     trace = _trace_format(trace)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", top):
@@ -198,46 +238,58 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
     env = {**os.environ, **toolchain.verilator_env()}
     version = toolchain.verilator_version()
     options = {"trace": trace, "opt": opt, "top": top, "verilator": list(version), "protocol": PROTOCOL_VERSION,
-               "waivers": list(_VERILATOR_WAIVERS)}
+               "waivers": list(_VERILATOR_WAIVERS), "flags": list(SPEED_FLAGS)}
+    uart = has_uart_ports(verilog_text)
+    if uart:  # only then, so the keys of builds without a UART stay as they were
+        options["uart"] = True
     h = hashlib.sha256()
     h.update(verilog_text.encode())
     h.update(b"\0")
-    for src in harness_sources():
-        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update(json.dumps(options, sort_keys=True).encode())
     key = h.hexdigest()[:20]
+    hkey = _harness_key()
     directory = cache_root() / key
-    exe = directory / "obj_dir" / "twin_sim"
+    obj = directory / "obj_dir"
+    exe = obj / f"twin_sim-{hkey}"
     marker = directory / "weft_twin.json"
+    make_vars = f"OPT_FAST={opt} OPT_SLOW=-O0 OPT_GLOBAL={opt}"
+    env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', '')} {make_vars}".strip()
     with file_lock(directory.with_suffix(".lock")):
         if marker.exists() and exe.exists():
             return TwinBuild(exe, directory, False, 0.0, trace, top)
-        if directory.exists():  # an earlier build died half-way
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
-        (directory / f"{top}.v").write_text(verilog_text)
-        harness = [shutil.copy(src, directory / src.name) for src in harness_sources()]
-        cpp = [str(Path(p)) for p in harness if str(p).endswith(".cpp")]
-        cmd = [
-            str(toolchain.verilator_root() / "bin" / "verilator"),
-            "--cc", "--exe", "--build", "-j", str(jobs),
-            "--top-module", top, "--prefix", "Vtwin", "-Mdir", "obj_dir", "-o", "twin_sim",
-            *_VERILATOR_WAIVERS,
-            "-CFLAGS", f"{opt} -std=c++17",
-            f"{top}.v", *cpp,
-        ]
-        if trace:
-            if trace == "fst" and not _have_header("lz4.h", env):
-                shutil.rmtree(directory, ignore_errors=True)
-                raise TwinBuildError("FST waveforms need the lz4 development headers, which are not installed "
-                                     "(Debian: apt-get install -y liblz4-dev); or launch with trace='vcd'")
-            cmd[1:1] = ["--trace-fst" if trace == "fst" else "--trace"]
-            cmd[cmd.index("-CFLAGS") + 1] += f" -DWEFT_TRACE_{trace.upper()}"
-        make_vars = f"OPT_FAST={opt} OPT_SLOW=-O0 OPT_GLOBAL={opt}"
-        env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', '')} {make_vars}".strip()
-        log = directory / "build.log"
         t0 = time.monotonic()
-        with open(log, "w") as fh:
+        log = directory / "build.log"
+        # the model's makefile lists the harness's .cpp files: relinking works while every one
+        # of them was compiled into this build (a new file needs Verilator to run again)
+        same_files = all((obj / f"{src.stem}.o").exists() for src in harness_sources() if src.suffix == ".cpp")
+        if marker.exists() and same_files and (obj / "Vtwin.mk").exists():
+            # the model is built: recompile the harness and relink
+            for src in harness_sources():
+                shutil.copy(src, directory / src.name)
+            cmd = ["make", "-C", "obj_dir", "-f", "Vtwin.mk", "twin_sim"]
+        else:
+            if directory.exists():  # an earlier build died half-way
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            (directory / f"{top}.v").write_text(verilog_text)
+            harness = [shutil.copy(src, directory / src.name) for src in harness_sources()]
+            cpp = [str(Path(p)) for p in harness if str(p).endswith(".cpp")]
+            cmd = [
+                str(toolchain.verilator_root() / "bin" / "verilator"),
+                "--cc", "--exe", "--build", "-j", str(jobs), *SPEED_FLAGS,
+                "--top-module", top, "--prefix", "Vtwin", "-Mdir", "obj_dir", "-o", "twin_sim",
+                *_VERILATOR_WAIVERS,
+                "-CFLAGS", f"{opt} -std=c++17" + (" -DWEFT_UART" if uart else ""),
+                f"{top}.v", *cpp,
+            ]
+            if trace:
+                if trace == "fst" and not _have_header("lz4.h", env):
+                    shutil.rmtree(directory, ignore_errors=True)
+                    raise TwinBuildError("FST waveforms need the lz4 development headers, which are not installed "
+                                         "(Debian: apt-get install -y liblz4-dev); or launch with trace='vcd'")
+                cmd[1:1] = ["--trace-fst" if trace == "fst" else "--trace"]
+                cmd[cmd.index("-CFLAGS") + 1] += f" -DWEFT_TRACE_{trace.upper()}"
+        with open(log, "a") as fh:
             fh.write(" ".join(cmd) + "\n")
             fh.flush()
             try:
@@ -247,10 +299,43 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
                 raise TwinBuildError(f"twin build of {top} took longer than {timeout_s:.0f} s; log {log}:\n"
                                      f"{log_tail(log)}") from None
         elapsed = time.monotonic() - t0
-        if proc.returncode != 0 or not exe.exists():
+        if proc.returncode != 0 or not (obj / "twin_sim").exists():
             raise TwinBuildError(f"twin build of {top} failed (exit {proc.returncode}); log {log}:\n{log_tail(log)}")
-        marker.write_text(json.dumps({**options, "build_s": round(elapsed, 2)}, indent=1))
+        shutil.copy2(obj / "twin_sim", exe)
+        if not marker.exists():
+            marker.write_text(json.dumps({**options, "build_s": round(elapsed, 2)}, indent=1))
         return TwinBuild(exe, directory, True, elapsed, trace, top)
+
+
+def core_verilog(config: Any, name: str = DEFAULT_TOP) -> str:
+    """Verilog of ``weft.hw.core.Core(config)``, cached under ``.cache/twin/verilog/``.
+
+    Amaranth's conversion of the ``default`` core takes about 20 s; the cache key is the
+    configuration (its full dictionary), the bytes of every ``weft.hw`` source file and the
+    Amaranth version, so any change to the RTL generators or the configuration converts
+    again."""
+    import importlib.metadata
+
+    hw = Path(__file__).resolve().parents[2] / "hw"
+    h = hashlib.sha256()
+    h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode() + b"\0" + name.encode() + b"\0")
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        h.update(importlib.metadata.version("amaranth").encode())
+    for src in sorted(hw.rglob("*.py")):
+        h.update(str(src.relative_to(hw)).encode() + b"\0" + src.read_bytes() + b"\0")
+    folder = cache_root() / "verilog"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{config.name}-{h.hexdigest()[:20]}.v"
+    if path.is_file():
+        return path.read_text()
+    from ..rtl import to_verilog
+    from ...hw.core import Core
+
+    text = to_verilog(Core(config), name)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return text
 
 
 # ---------------------------------------------------------------------- client
@@ -263,6 +348,17 @@ class TwinInfo:
     trace: str  #: "" (built without waveforms), "fst" or "vcd"
     read_latency: int
     write_latency: int
+
+
+@dataclass(frozen=True)
+class UartInfo:
+    """The serial line of a UART twin (``UART_INFO``)."""
+
+    pty: str  #: the pseudo-terminal's path (open it like a serial port)
+    clocks_per_bit: int
+    bytes_in: int  #: bytes the host wrote to the pty so far
+    bytes_out: int  #: bytes the design sent back
+    frame_errors: int  #: bytes from the design whose stop bit was 0
 
 
 @dataclass(frozen=True)
@@ -458,6 +554,13 @@ class TwinClient:
         """Extra cycles before the first R beat of each read burst / the B of each write burst."""
         self.call(Op.SET_LATENCY, struct.pack("<II", read, write))
 
+    def uart_info(self) -> UartInfo:
+        """The pty path and line counters of a twin whose top has a UART (TwinRequestError with
+        status 4 otherwise)."""
+        body = self.call(Op.UART_INFO)
+        cpb, bin_, bout, ferr = struct.unpack_from("<IQQQ", body)
+        return UartInfo(os.fsdecode(body[28:]), cpb, bin_, bout, ferr)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(TwinError):
             self.call(Op.SHUTDOWN, timeout=timeout)
@@ -505,7 +608,7 @@ class Twin:
     @classmethod
     def launch(cls, design: Any, config: Any, *, name: str | None = None, trace: bool | str = False,
                read_latency: int = 0, write_latency: int = 0, call_timeout: float = 30.0,
-               start_timeout: float = 30.0, mem_bytes: int | None = None, opt: str = "-O1") -> "Twin":
+               start_timeout: float = 30.0, mem_bytes: int | None = None, opt: str = DEFAULT_OPT) -> "Twin":
         """Build (cached) and start a twin of ``design`` (an Amaranth component or Verilog text).
 
         ``config`` gives the memory size (``device_memory_bytes``, or ``mem_bytes``) and bus

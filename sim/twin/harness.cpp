@@ -8,7 +8,15 @@
 // and irq. Nothing here depends on the design beyond those names.
 //
 // Usage: twin_sim --socket PATH --mem-bytes N --bus-bytes B [--read-latency C]
-//                 [--write-latency C] [--parent-pid P] [--workdir DIR]
+//                 [--write-latency C] [--parent-pid P] [--workdir DIR] [--uart-linger CYCLES]
+//
+// Built with -DWEFT_UART (a top with uart_rx/uart_tx/uart_busy/uart_clocks_per_bit ports,
+// weft.hw.uart.UartTop) the twin also opens a pseudo-terminal and plays the far end of the
+// serial line: bytes written to the pty are shifted into uart_rx bit by bit (8N1, the bit
+// time read from uart_clocks_per_bit), bits on uart_tx are sampled mid-bit back into bytes
+// for the pty. The clock runs while the line or the bridge is busy and for --uart-linger
+// cycles after (default 2^16), so a program started over the UART keeps running between
+// polls; UART_INFO (op 12) answers the pty's path.
 // With --parent-pid the twin exits (removing its socket, and DIR/twin.log and DIR when
 // given) soon after that process dies, so a crashed host leaves nothing behind.
 
@@ -40,8 +48,10 @@ typedef VerilatedVcdC TraceFile;
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <termios.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -63,6 +73,7 @@ enum Op : uint16_t {
     OP_TRACE = 9,
     OP_SET_LATENCY = 10,
     OP_SHUTDOWN = 11,
+    OP_UART_INFO = 12,
 };
 
 enum Status : uint16_t {
@@ -167,6 +178,103 @@ struct System {
     std::unique_ptr<TraceFile> tfp;
     uint64_t trace_start = 0, trace_end = 0;
 #endif
+#ifdef WEFT_UART
+    // the far end of the serial line (the host's UART), bit by bit, and the pty it serves
+    int pty = -1, pty_slave = -1;
+    std::string pty_path;
+    uint32_t cpb = 4;                 // clocks per bit, from the top's uart_clocks_per_bit
+    std::deque<uint8_t> to_rtl;       // bytes from the pty not yet sent
+    int tx_bit = -1;                  // bit being sent into uart_rx: -1 idle, 0 start, 1..8 data, 9 stop
+    uint32_t tx_count = 0;
+    uint8_t tx_byte = 0;
+    int rx_bit = -1;                  // bit being sampled from uart_tx: -1 idle, 0 start, 1..8 data, 9 stop
+    uint32_t rx_count = 0;
+    uint8_t rx_byte = 0;
+    std::vector<uint8_t> to_host;     // sampled bytes not yet written to the pty
+    uint64_t linger = 0, linger_cycles = 1ull << 16;
+    uint64_t bytes_in = 0, bytes_out = 0, frame_errors = 0;
+
+    bool uart_open(std::string& err) {
+        pty = posix_openpt(O_RDWR | O_NOCTTY);
+        if (pty < 0 || grantpt(pty) < 0 || unlockpt(pty) < 0) { err = std::strerror(errno); return false; }
+        const char* name = ptsname(pty);
+        if (!name) { err = "ptsname failed"; return false; }
+        pty_path = name;
+        // hold the slave open ourselves: the master then never reports a hang-up between clients
+        pty_slave = open(name, O_RDWR | O_NOCTTY);
+        if (pty_slave < 0) { err = std::strerror(errno); return false; }
+        termios t{};
+        tcgetattr(pty_slave, &t);
+        cfmakeraw(&t);
+        tcsetattr(pty_slave, TCSANOW, &t);
+        fcntl(pty, F_SETFL, fcntl(pty, F_GETFL) | O_NONBLOCK);
+        return true;
+    }
+    bool uart_active() const {
+        return top->uart_busy || tx_bit >= 0 || !to_rtl.empty() || rx_bit >= 0 || !to_host.empty() || linger > 0;
+    }
+    void uart_read_pty() {
+        uint8_t buf[4096];
+        for (;;) {
+            ssize_t n = read(pty, buf, sizeof buf);
+            if (n <= 0) break;
+            to_rtl.insert(to_rtl.end(), buf, buf + n);
+            bytes_in += uint64_t(n);
+            linger = linger_cycles;
+            if (to_rtl.size() > (1u << 20)) break;
+        }
+    }
+    void uart_write_pty() {
+        size_t off = 0;
+        while (off < to_host.size()) {
+            ssize_t n = write(pty, to_host.data() + off, to_host.size() - off);
+            if (n <= 0) break;  // the pty is full (nobody reads): keep the rest for later
+            off += size_t(n);
+        }
+        to_host.erase(to_host.begin(), to_host.begin() + long(off));
+        if (to_host.size() > (16u << 20)) to_host.clear();  // a host that never reads loses bytes, as on a wire
+    }
+    // the line into the design this cycle
+    uint8_t uart_line_in() const {
+        if (tx_bit == 0) return 0;
+        if (tx_bit >= 1 && tx_bit <= 8) return (tx_byte >> (tx_bit - 1)) & 1;
+        return 1;
+    }
+    // after a clock edge: advance the sender, sample the design's line
+    void uart_step() {
+        if (tx_bit < 0 && !to_rtl.empty()) {
+            tx_byte = to_rtl.front();
+            to_rtl.pop_front();
+            tx_bit = 0;
+            tx_count = cpb;
+        }
+        if (tx_bit >= 0 && --tx_count == 0) {
+            if (++tx_bit > 9) tx_bit = -1;
+            tx_count = cpb;
+        }
+        uint8_t line = top->uart_tx & 1;
+        if (rx_bit < 0) {
+            if (!line) { rx_bit = 0; rx_count = cpb / 2; }
+        } else if (--rx_count == 0) {
+            rx_count = cpb;
+            if (rx_bit == 0) {
+                if (line) rx_bit = -1; else rx_bit = 1, rx_byte = 0;  // glitch, or a start bit
+            } else if (rx_bit <= 8) {
+                rx_byte |= uint8_t(line << (rx_bit - 1));
+                rx_bit++;
+            } else {
+                if (line) { to_host.push_back(rx_byte); bytes_out++; } else { frame_errors++; }
+                rx_bit = -1;
+                linger = linger_cycles;
+            }
+        }
+        if (linger) linger--;
+        if ((cycles & 255) == 0) {
+            if (!to_host.empty() && (rx_bit < 0 || to_host.size() >= 4096)) uart_write_pty();
+            if (to_rtl.empty()) uart_read_pty();
+        }
+    }
+#endif
 
     System(uint64_t mem_bytes_, int bus_bytes_)
         : ctx(new VerilatedContext), mem(static_cast<uint8_t*>(std::calloc(mem_bytes_ ? mem_bytes_ : 1, 1))),
@@ -243,6 +351,9 @@ struct System {
         t.CSR(wdata) = m_wdata;
         t.CSR(wstrb) = m_wstrb;
         t.CSR(bready) = 1;
+#ifdef WEFT_UART
+        t.uart_rx = uart_line_in();
+#endif
     }
 
     void dump(uint64_t time) {
@@ -326,6 +437,9 @@ struct System {
         }
         if (aw_fire) wq.push_back(aw);
         if (b_fire) bq.pop_front();
+#ifdef WEFT_UART
+        uart_step();
+#endif
         // AXI4-Lite master
         if (csr_ar_fire) ar_pending = false;
         if (csr_r_fire) { r_done = true; r_data = csr_rdata; r_resp = csr_rresp; }
@@ -385,6 +499,40 @@ struct System {
 };
 
 // ------------------------------------------------------------------ I/O
+// poll() for `fd` readable, at most timeout_ms. With the UART, the design is clocked while the
+// line is active (checking `fd` every 2048 cycles) and the pty is watched while it is idle.
+int wait_readable(System& sys, int fd, int timeout_ms) {
+#ifdef WEFT_UART
+    uint64_t deadline = now_ns() + uint64_t(timeout_ms) * 1000000ull;
+    for (;;) {
+        if (sys.uart_active()) {
+            pollfd p{fd, POLLIN, 0};
+            int r = poll(&p, 1, 0);
+            if (r != 0) return r;
+            for (int i = 0; i < 2048 && sys.uart_active(); i++) sys.cycle();
+            if (!sys.uart_active() && !sys.to_host.empty()) sys.uart_write_pty();
+            if (now_ns() >= deadline) return 0;
+            continue;
+        }
+        if (!sys.to_host.empty()) sys.uart_write_pty();
+        uint64_t now = now_ns();
+        if (now >= deadline) return 0;
+        int left = int((deadline - now) / 1000000ull) + 1;
+        pollfd p[2] = {{fd, POLLIN, 0}, {sys.pty, POLLIN, 0}};
+        int r = poll(p, 2, left);
+        if (r < 0) return r;
+        if (r == 0) return 0;
+        if (p[0].revents) return 1;
+        if (p[1].revents & POLLIN) sys.uart_read_pty();
+        else usleep(1000);  // an error condition on the pty: do not spin
+    }
+#else
+    (void)sys;
+    pollfd pfd{fd, POLLIN, 0};
+    return poll(&pfd, 1, timeout_ms);
+#endif
+}
+
 bool read_exact(int fd, void* buf, size_t n) {
     uint8_t* p = static_cast<uint8_t*>(buf);
     while (n) {
@@ -443,8 +591,7 @@ bool serve(System& sys, int fd) {
     for (;;) {
         // wait for a request, watching for the parent's death
         for (;;) {
-            pollfd pfd{fd, POLLIN, 0};
-            int r = poll(&pfd, 1, 1000);
+            int r = wait_readable(sys, fd, 1000);
             if (r > 0) break;
             if (r < 0 && errno != EINTR) return true;
             if (sys.parent_gone()) return false;
@@ -604,6 +751,19 @@ bool serve(System& sys, int fd) {
         case OP_SHUTDOWN:
             reply(fd, ST_OK, op, seq, nullptr, 0);
             return false;
+        case OP_UART_INFO: {
+#ifdef WEFT_UART
+            put<uint32_t>(out, sys.cpb);
+            put<uint64_t>(out, sys.bytes_in);
+            put<uint64_t>(out, sys.bytes_out);
+            put<uint64_t>(out, sys.frame_errors);
+            out.insert(out.end(), sys.pty_path.begin(), sys.pty_path.end());
+            ok = reply(fd, ST_OK, op, seq, out.data(), out.size());
+#else
+            ok = reply_error(fd, ST_UNSUPPORTED, op, seq, "this twin has no UART (its top has no uart_rx/uart_tx ports)");
+#endif
+            break;
+        }
         default:
             ok = reply_error(fd, ST_BAD_REQUEST, op, seq, "unknown opcode " + std::to_string(op));
         }
@@ -644,6 +804,19 @@ int main(int argc, char** argv) {
     sys.parent = pid_t(arg_u64(argc, argv, "--parent-pid", 0));
     sys.reset(4);
     sys.cycles = 0;
+#ifdef WEFT_UART
+    {
+        std::string err;
+        if (!sys.uart_open(err)) {
+            std::fprintf(stderr, "twin: cannot open a pseudo-terminal: %s\n", err.c_str());
+            return 1;
+        }
+        sys.cpb = sys.top->uart_clocks_per_bit;
+        if (sys.cpb < 2) sys.cpb = 2;
+        sys.linger_cycles = arg_u64(argc, argv, "--uart-linger", 1ull << 16);
+        std::fprintf(stderr, "twin: UART on %s (%u clocks per bit)\n", sys.pty_path.c_str(), sys.cpb);
+    }
+#endif
 
     int ls = socket(AF_UNIX, SOCK_STREAM, 0);
     if (ls < 0) {
@@ -667,8 +840,7 @@ int main(int argc, char** argv) {
 
     bool running = true;
     while (running) {
-        pollfd pfd{ls, POLLIN, 0};
-        int r = poll(&pfd, 1, 1000);
+        int r = wait_readable(sys, ls, 1000);
         if (r == 0 || (r < 0 && errno == EINTR)) {
             if (sys.parent_gone()) break;
             continue;

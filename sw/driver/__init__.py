@@ -9,14 +9,18 @@
         dev.start(); dev.wait(timeout_s=10)
         outputs = dev.read_outputs(); counters = dev.counters()
 
-Transports: :class:`TwinTransport` (the simulated board, ``weft.sim.twin``); UART and PCIe
-transports subclass :class:`Transport` and register a URI scheme (:func:`register_transport`).
+Transports (each registers a URI scheme for :func:`open_transport`): :class:`TwinTransport`
+(``twin:<socket>``, the simulated board, ``weft.sim.twin``), :class:`UartTransport`
+(``uart:///dev/ttyUSB0?baud=3000000``, the UART bridge ``weft.hw.uart``) and
+:class:`XdmaTransport` (``xdma:///dev/xdma0``, PCIe through the XDMA driver's files).
 """
 
 from .device import (ConfigHashMismatch, Device, DeviceError, DeviceTimeoutError, DriverError, IdentityError,
                      Status)
 from .transport import Transport, TransportError, open_transport, register_transport, transport_schemes
 from .twin import TwinTransport, TwinTransportError
+from .uart import UartTransport, UartTransportError
+from .xdma import XdmaTransport, XdmaTransportError
 
 __all__ = [
     "Device",
@@ -33,4 +37,8 @@ __all__ = [
     "transport_schemes",
     "TwinTransport",
     "TwinTransportError",
+    "UartTransport",
+    "UartTransportError",
+    "XdmaTransport",
+    "XdmaTransportError",
 ]

@@ -100,8 +100,8 @@ _SCHEMES: dict[str, Callable[[str], Transport]] = {}
 def register_transport(scheme: str, factory: Callable[[str], Transport]) -> None:
     """Make ``open_transport("scheme:rest")`` call ``factory("rest")``.
 
-    Hooks for other transports: ``uart:/dev/ttyUSB0?baud=3000000`` and ``pcie:0000:01:00.0``
-    are the intended spellings; they are registered by their modules when those exist.
+    Registered by their modules: ``twin:<socket>``, ``uart:///dev/ttyUSB0?baud=3000000``
+    (:mod:`weft.sw.driver.uart`) and ``xdma:///dev/xdma0`` (:mod:`weft.sw.driver.xdma`).
     """
     _SCHEMES[scheme] = factory
 

@@ -24,7 +24,7 @@ from weft.sw.hil import HilSession, compare_with_golden
 from .conftest import TINY, target_is_launched_twin
 from .test_hil import _gemm
 
-pytestmark = [pytest.mark.rtl, pytest.mark.verilator_only]
+pytestmark = [pytest.mark.rtl, pytest.mark.verilator_only, pytest.mark.every_transport]
 
 
 def _hang(config=TINY) -> Bundle:

@@ -45,6 +45,28 @@ def test_build_is_cached(twin):
     assert again.executable.exists()
 
 
+def test_harness_change_relinks_without_rebuilding_the_model(twin, monkeypatch):
+    """The Verilated model is cached by Verilog and options; a harness change recompiles the
+    harness and relinks into a new executable next to the old one, leaving the model's objects."""
+    import weft.sim.twin as twin_mod
+    from weft.sim.rtl import to_verilog
+
+    verilog = to_verilog(StandInTop(TINY), "weft_top")
+    obj = twin.build.executable.parent
+    model_objs = {p: p.stat().st_mtime_ns for p in obj.glob("Vtwin*.o")}
+    assert model_objs
+    monkeypatch.setattr(twin_mod, "_harness_key", lambda: "0123456789abcdef")
+    relinked = build(verilog, "weft_top")
+    try:
+        assert relinked.built and relinked.directory == twin.build.directory
+        assert relinked.executable != twin.build.executable and relinked.executable.exists()
+        assert twin.build.executable.exists()  # the running twin's executable stays
+        assert {p: p.stat().st_mtime_ns for p in obj.glob("Vtwin*.o")} == model_objs
+        assert not build(verilog, "weft_top").built
+    finally:
+        relinked.executable.unlink(missing_ok=True)
+
+
 def test_bad_toplevel_name_is_refused():
     with pytest.raises(ValueError, match="no module named"):
         build("module a(input clk); endmodule\n", "b")
