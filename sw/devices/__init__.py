@@ -10,6 +10,12 @@ simulated and null devices; each with a cost model the scheduler compares.
 ``fpga:golden``    the same board, but the values come from MiniLM compiled to an int8 bundle
                    for the configuration and run on the bit-exact model (compiled at start-up,
                    sequence length ``seq_len``, 32 by default)
+``fpga:sim``       the same bundle run through the RTL: a Verilator twin of the core for the
+                   configuration (``fpga:sim@tiny``; built once, cached under ``.cache/twin``)
+                   launched at start-up and opened through the driver API; every embedding is
+                   a run on the twin (``values="bundle:driver"``, bit-exact, no pacing: as slow
+                   as the simulation). Closing the device (server shutdown) stops the twin.
+                   Without MiniLM in ``models`` no twin is launched (nothing would run on it)
 ``cpu``            PyTorch reference models on the host
 ``gpu``            the same on CUDA (``gpu:1`` for another GPU); an error without one
 ``null``           returns at once (server overhead measurements)
@@ -37,35 +43,50 @@ __all__ = [
 
 def make_devices(spec: str, models: ModelSet, *, profile: bool = True, seq_len: int = 32,
                  **torch_kw) -> list[Device]:
-    """Devices from a comma-separated list (see the module doc)."""
+    """Devices from a comma-separated list (see the module doc). On an error the devices already
+    built are closed (a launched twin is stopped) before it is raised."""
     devices: list[Device] = []
-    for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        kind, _, rest = item.partition(":")
-        if kind == "fpga":
-            mode, _, cfg_name = rest.partition("@")
-            from weft.hw.config import load_config
-
-            if mode not in ("", "emu", "golden"):
-                raise DeviceError(f"device {item!r}: FPGA devices are fpga:emu or fpga:golden")
-            config = load_config(cfg_name or "default")
-            encoder = None
-            if mode == "golden" and models.minilm is not None:
-                encoder = EncoderBundle.compile(models.minilm, config, seq_len=min(seq_len, models.minilm.max_length))
-            devices.append(FpgaDevice(config, models=models, mode="emu", encoder=encoder,
-                                      name=f"fpga:{mode or 'emu'}"))
-        elif kind == "cpu":
-            devices.append(TorchDevice(models, "cpu", name=item, profile=profile, **torch_kw))
-        elif kind == "gpu":
-            if not cuda_available():
-                raise DeviceError(f"device {item!r}: no CUDA GPU is available on this machine")
-            devices.append(TorchDevice(models, f"cuda:{rest or 0}", name=item, profile=profile, **torch_kw))
-        elif kind == "null":
-            devices.append(NullDevice(item, tokenizer=models.smollm2_tokenizer))
-        else:
-            raise DeviceError(f"unknown device {item!r}; expected fpga:emu, fpga:golden, cpu, gpu or null")
-    names = [d.name for d in devices]
-    if len(set(names)) != len(names):
-        raise DeviceError(f"duplicate device names in {spec!r}")
-    if not devices:
-        raise DeviceError("no devices given")
+    try:
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            devices.append(_make_device(item, models, profile=profile, seq_len=seq_len, **torch_kw))
+        names = [d.name for d in devices]
+        if len(set(names)) != len(names):
+            raise DeviceError(f"duplicate device names in {spec!r}")
+        if not devices:
+            raise DeviceError("no devices given")
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
     return devices
+
+
+def _make_device(item: str, models: ModelSet, *, profile: bool, seq_len: int, **torch_kw) -> Device:
+    kind, _, rest = item.partition(":")
+    if kind == "fpga":
+        mode, _, cfg_name = rest.partition("@")
+        from weft.hw.config import ConfigError, load_config
+
+        if mode not in ("", "emu", "golden", "sim"):
+            raise DeviceError(f"device {item!r}: FPGA devices are fpga:emu, fpga:golden or fpga:sim")
+        try:
+            config = load_config(cfg_name or "default")
+        except (ConfigError, OSError) as exc:
+            raise DeviceError(f"device {item!r}: {exc}") from None
+        name = f"fpga:{mode or 'emu'}"
+        encoder = None
+        if mode in ("golden", "sim") and models.minilm is not None:
+            encoder = EncoderBundle.compile(models.minilm, config, seq_len=min(seq_len, models.minilm.max_length))
+        if mode == "sim" and encoder is not None:
+            executor = DriverExecutor.launch_twin(config)
+            return FpgaDevice(config, models=models, mode="board", executor=executor, encoder=encoder, name=name)
+        return FpgaDevice(config, models=models, mode="emu", encoder=encoder, name=name)
+    if kind == "cpu":
+        return TorchDevice(models, "cpu", name=item, profile=profile, **torch_kw)
+    if kind == "gpu":
+        if not cuda_available():
+            raise DeviceError(f"device {item!r}: no CUDA GPU is available on this machine")
+        return TorchDevice(models, f"cuda:{rest or 0}", name=item, profile=profile, **torch_kw)
+    if kind == "null":
+        return NullDevice(item, tokenizer=models.smollm2_tokenizer)
+    raise DeviceError(f"unknown device {item!r}; expected fpga:emu, fpga:golden, fpga:sim, cpu, gpu or null")

@@ -20,6 +20,10 @@ Where embedding *values* come from (reported as ``values`` by :meth:`FpgaDevice.
   program bundle for the configuration, one sentence per run, through the executor
   (``values="bundle:golden"``: the bit-exact model; ``"bundle:driver"``: the twin or a board), then
   mean-pools and normalizes on the host. In ``emu`` mode it is paced the same way.
+* ``fpga:sim`` is the same bundle in ``board`` mode on a :class:`DriverExecutor` that owns a
+  Verilator twin of the core (:meth:`DriverExecutor.launch_twin`): every embedding runs through
+  the RTL, with no pacing (the latency is the simulation's); :meth:`FpgaDevice.close` shuts the
+  twin down. The twin is bit-exact, so its values equal ``fpga:golden``'s on the same bundle.
 
 :meth:`FpgaDevice.run_bundle` runs any bundle through the executor, paced the same way.
 """
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .base import Capabilities, Device, DeviceError, MemoryInfo, ModelInfo
+from .base import Capabilities, Device, DeviceError, DeviceFailure, Health, MemoryInfo, ModelInfo
 from .cost import FpgaCostModel
 from .models import ModelSet
 
@@ -63,16 +67,94 @@ class GoldenExecutor:
 
 class DriverExecutor:
     """Runs bundles through the driver API on an opened :class:`weft.sw.driver.device.Device`
-    (twin or board); returns the outputs and the performance counters."""
+    (twin or board); returns the outputs and the performance counters of the run (the
+    difference over it; the core's counters count since reset).
+
+    Runs are serialized. ``timeout_s`` bounds one run's wait. ``on_close`` (optional) releases
+    what the executor owns (the twin, the link) when :meth:`close` is called; ``on_abort``
+    (optional) stops it at once when a run is still going after ``close_grace_s`` (the twin
+    process is killed, which ends the run with a transport error). ``alive`` (optional) tells
+    whether the target is still there between runs (the twin process has not exited)."""
 
     name = "driver"
 
-    def __init__(self, driver_device) -> None:
+    def __init__(self, driver_device, *, timeout_s: float = 600.0, on_close=None, on_abort=None, alive=None,
+                 close_grace_s: float = 2.0, description: str | None = None) -> None:
+        import threading
+
         self.device = driver_device
+        self.timeout_s = timeout_s
+        self.close_grace_s = close_grace_s
+        self._on_close, self._on_abort, self._alive = on_close, on_abort, alive
+        self._lock = threading.Lock()
+        self.closed = False
+        self.runs = 0
+        self.description = description or _describe_transport(driver_device)
+
+    @classmethod
+    def launch_twin(cls, config, **kwargs) -> DriverExecutor:
+        """Launch a Verilator twin of ``Core(config)`` (built once and cached under
+        ``.cache/twin``; see :mod:`weft.sim.twin`), open it through the driver (identity and
+        configuration hash checked) and return an executor that owns it: :meth:`close` shuts
+        the twin process down. Errors (a failed build, a twin that does not start) are raised
+        as :class:`DeviceError` naming the configuration."""
+        from weft.sw.hil import HilSession
+
+        try:
+            session = HilSession(config, target="twin")
+        except Exception as exc:
+            raise DeviceError(f"cannot start the twin of the {config.name!r} core: {type(exc).__name__}: {exc}") \
+                from exc
+        twin = session.twin
+
+        def abort() -> None:
+            if twin.process.poll() is None:
+                twin.process.kill()
+
+        ex = cls(session.device, on_close=session.close, on_abort=abort, alive=lambda: twin.process.poll() is None,
+                 description=f"twin of Core({config.name}), pid {twin.process.pid} "
+                             f"({'built' if twin.build.built else 'cached'} {twin.build.directory.name})",
+                 **kwargs)
+        ex.session, ex.launch_s = session, session.launch_s
+        return ex
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and (self._alive is None or bool(self._alive()))
 
     def run(self, bundle, inputs):
-        outputs = self.device.run(inputs, bundle=bundle)
-        return outputs, self.device.counters()
+        with self._lock:
+            if self.closed:
+                raise DeviceFailure("the driver executor is closed (its twin or link was released)")
+            dev = self.device
+            before = dev.counters()
+            outputs = dev.run(inputs, bundle=bundle, timeout_s=self.timeout_s)
+            after = dev.counters()
+            self.runs += 1
+        return outputs, {k: v - before.get(k, 0) for k, v in after.items()}
+
+    def close(self) -> None:
+        """Release the target (idempotent). A run still going after ``close_grace_s`` is
+        aborted first."""
+        if self.closed:
+            return
+        self.closed = True
+        got = self._lock.acquire(timeout=self.close_grace_s)
+        try:
+            if not got and self._on_abort is not None:
+                self._on_abort()
+            if self._on_close is not None:
+                self._on_close()
+        finally:
+            if got:
+                self._lock.release()
+
+
+def _describe_transport(driver_device) -> str:
+    try:
+        return driver_device.transport.describe()
+    except Exception:  # a stand-in device without a transport
+        return "driver"
 
 
 class EncoderBundle:
@@ -195,10 +277,30 @@ class FpgaDevice(Device):
         return MemoryInfo(0, 0)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "mode": self.mode, "values": self.values,
-                "executor": self.executor.name, "config": self.config.name,
-                "seq_len": self.encoder.seq_len if self.encoder is not None else None,
-                "clock_mhz": self.config.clock_mhz}
+        out = {**super().describe(), "mode": self.mode, "values": self.values,
+               "executor": self.executor.name, "config": self.config.name,
+               "seq_len": self.encoder.seq_len if self.encoder is not None else None,
+               "clock_mhz": self.config.clock_mhz}
+        if getattr(self.executor, "description", None):
+            out["target"] = self.executor.description
+        return out
+
+    def health(self) -> Health:
+        # a twin process that exited (or a link that went away) between calls fails the device now,
+        # not at its next request
+        if self._health is Health.HEALTHY and getattr(self.executor, "alive", True) is False:
+            self.kill("closed" if getattr(self.executor, "closed", False)
+                      else f"the target is gone: {getattr(self.executor, 'description', 'driver')}")
+        return super().health()
+
+    def close(self) -> None:
+        """Stop the worker thread, then release the executor's target: for ``fpga:sim`` the twin
+        process is shut down (a run still going after a grace period is aborted). Idempotent;
+        the scheduler's :meth:`~weft.sw.scheduler.Engine.stop` calls it for every device."""
+        super().close()
+        closer = getattr(self.executor, "close", None)
+        if closer is not None:
+            closer()
 
     # ------------------------------------------------------------ execution
     async def embed(self, model: str, texts):

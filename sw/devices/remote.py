@@ -57,7 +57,7 @@ def ray_options(item: str) -> dict:
         return {"num_cpus": 1}
     if kind == "null":
         return {"num_cpus": 0}
-    raise DeviceError(f"unknown device {item!r}; expected fpga:emu, fpga:golden, cpu, gpu or null")
+    raise DeviceError(f"unknown device {item!r}; expected fpga:emu, fpga:golden, fpga:sim, cpu, gpu or null")
 
 
 class DeviceHost:

@@ -3,7 +3,8 @@
 The must-show runs through the HTTP API: an agent retrieves with MiniLM embeddings computed on the
 FPGA device (MiniLM compiled to an int8 bundle and run on the bit-exact model, ``fpga:golden``)
 and answers with SmolLM2 on the CPU device. References are the float MiniLM (cosine scores), the
-plain SmolLM2 reference generator (answers) and numpy (top-k)."""
+plain SmolLM2 reference generator (answers) and numpy (top-k). The same agent with every embedding
+run on the RTL (``fpga:sim``, the Verilator twin of the core) is in test_agent_on_twin.py."""
 
 import asyncio
 import json

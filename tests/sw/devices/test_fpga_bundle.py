@@ -44,7 +44,7 @@ def test_compile_and_board_mode_errors(models):
     board = FpgaDevice(cfg, models=models, mode="board")
     with pytest.raises(DeviceError, match="compiled encoder"):
         asyncio.run(board.embed("minilm", ["x"]))
-    with pytest.raises(DeviceError, match="fpga:emu or fpga:golden"):
+    with pytest.raises(DeviceError, match="fpga:emu, fpga:golden or fpga:sim"):
         make_devices("fpga:warp", models)
 
 

@@ -14,7 +14,7 @@ def test_serve_refuses_an_unknown_device_before_starting(extra, capsys):
 
 def test_serve_refuses_an_unknown_fpga_mode(capsys):
     assert main(["serve", "--devices", "fpga:warp"]) == EXIT_BAD_INPUT
-    assert "fpga:emu or fpga:golden" in capsys.readouterr().err
+    assert "fpga:emu, fpga:golden or fpga:sim" in capsys.readouterr().err
 
 
 def test_serve_builds_the_app_with_agent_routes(monkeypatch, capsys):
