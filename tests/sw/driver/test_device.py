@@ -141,8 +141,13 @@ def test_polling_wait_on_a_transport_without_irq():
 
 
 def test_unknown_transport_scheme():
-    assert "twin" in transport_schemes()
+    assert {"twin", "uart", "xdma"} <= set(transport_schemes())
     with pytest.raises(ValueError, match="unknown transport"):
+        open_transport("pigeon:/dev/null")
+
+
+def test_uart_transport_refuses_a_file_that_is_not_a_terminal():
+    with pytest.raises(TransportError, match="/dev/null is not a terminal device"):
         open_transport("uart:/dev/null")
 
 
