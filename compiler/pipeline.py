@@ -69,7 +69,8 @@ class CompileResult:
 
 
 def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]], *, method: str = DEFAULT_METHOD,
-                        alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA) -> QuantizedGraph:
+                        alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA,
+                        int32_outputs=(), fixed_scales=None) -> QuantizedGraph:
     """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
     cal = Calibrator(graph)
     for feeds in batches:
@@ -78,7 +79,7 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
     return quantize(graph, scales, method=method,
                     channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                     vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
-                    amax=cal.amax)
+                    amax=cal.amax, int32_outputs=int32_outputs, fixed_scales=fixed_scales)
 
 
 def compile_graph(graph: Graph, config: AcceleratorConfig, batches, *, model: str = "",
@@ -150,5 +151,20 @@ def host_inputs(graph: Graph, feeds: Mapping[str, np.ndarray], bundle: Bundle) -
 
 
 def device_outputs(bundle: Bundle, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The bundle's integer outputs as real numbers (float32), in their graph shapes."""
-    return {s.name: s.dequantize(outputs[s.name]).astype(np.float32) for s in bundle.outputs}
+    """The bundle's integer outputs as real numbers (float32), in their graph shapes: int32
+    outputs with one scale per column (``metadata["output_channel_scales"]``, logits) scaled per
+    column; outputs whose last axis the device keeps permuted (``output_column_perm``: a cache
+    output's RoPE pairs interleaved) put back in the graph's order."""
+    chan = bundle.metadata.get("output_channel_scales", {})
+    perm = bundle.metadata.get("output_column_perm", {})
+    out = {}
+    for s in bundle.outputs:
+        x = s.dequantize(outputs[s.name])
+        if s.name in chan:
+            x = x * np.asarray(chan[s.name], dtype=np.float64)
+        if s.name in perm:
+            y = np.empty_like(x)
+            y[..., np.asarray(perm[s.name])] = x
+            x = y
+        out[s.name] = x.astype(np.float32)
+    return out

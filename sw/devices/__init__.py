@@ -24,6 +24,9 @@ simulated and null devices; each with a cost model the scheduler compares.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from .base import (Capabilities, Device, DeviceError, DeviceFailure, Health, MemoryInfo, ModelInfo, Seq,
                    sample_token)
 from .cost import CostModel, FpgaCostModel, LinearCostModel
@@ -42,13 +45,18 @@ __all__ = [
 
 
 def make_devices(spec: str, models: ModelSet, *, profile: bool = True, seq_len: int = 32,
-                 **torch_kw) -> list[Device]:
+                 progress: Callable[[str], None] | None = None, **torch_kw) -> list[Device]:
     """Devices from a comma-separated list (see the module doc). On an error the devices already
-    built are closed (a launched twin is stopped) before it is raised."""
+    built are closed (a launched twin is stopped) before it is raised. ``progress`` gets a line
+    as each device starts to build and when it is ready (compiling MiniLM, launching a twin and
+    profiling a CPU take from seconds to minutes)."""
     devices: list[Device] = []
+    say = progress or (lambda line: None)
     try:
         for item in [s.strip() for s in spec.split(",") if s.strip()]:
-            devices.append(_make_device(item, models, profile=profile, seq_len=seq_len, **torch_kw))
+            start = time.perf_counter()
+            devices.append(_make_device(item, models, profile=profile, seq_len=seq_len, say=say, **torch_kw))
+            say(f"device {item} ready in {time.perf_counter() - start:.1f} s")
         names = [d.name for d in devices]
         if len(set(names)) != len(names):
             raise DeviceError(f"duplicate device names in {spec!r}")
@@ -61,7 +69,8 @@ def make_devices(spec: str, models: ModelSet, *, profile: bool = True, seq_len: 
     return devices
 
 
-def _make_device(item: str, models: ModelSet, *, profile: bool, seq_len: int, **torch_kw) -> Device:
+def _make_device(item: str, models: ModelSet, *, profile: bool, seq_len: int, say: Callable[[str], None],
+                 **torch_kw) -> Device:
     kind, _, rest = item.partition(":")
     if kind == "fpga":
         mode, _, cfg_name = rest.partition("@")
@@ -76,12 +85,16 @@ def _make_device(item: str, models: ModelSet, *, profile: bool, seq_len: int, **
         name = f"fpga:{mode or 'emu'}"
         encoder = None
         if mode in ("golden", "sim") and models.minilm is not None:
+            say(f"device {item}: compiling MiniLM for {config.name!r} ...")
             encoder = EncoderBundle.compile(models.minilm, config, seq_len=min(seq_len, models.minilm.max_length))
         if mode == "sim" and encoder is not None:
+            say(f"device {item}: launching the twin of the {config.name!r} core (built once, then cached) ...")
             executor = DriverExecutor.launch_twin(config)
             return FpgaDevice(config, models=models, mode="board", executor=executor, encoder=encoder, name=name)
         return FpgaDevice(config, models=models, mode="emu", encoder=encoder, name=name)
     if kind == "cpu":
+        if profile:
+            say(f"device {item}: profiling the models (cached on disk after the first start) ...")
         return TorchDevice(models, "cpu", name=item, profile=profile, **torch_kw)
     if kind == "gpu":
         if not cuda_available():
