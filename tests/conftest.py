@@ -25,3 +25,18 @@ def twin():
 
     with standin("tiny") as t:
         yield t
+
+
+@pytest.fixture
+def real_models(tmp_path, monkeypatch):
+    """MiniLM and SmolLM2 with their real weights (``make setup`` installs the packages; the
+    test skips where they are missing), with device profiles cached in a fresh folder."""
+    from weft.sw.devices import ModelSet
+    from weft.sw.models import minilm, smollm2
+
+    try:
+        minilm.model_path(), smollm2.default_gguf_path()
+    except Exception as exc:  # the weights packages are not installed
+        pytest.skip(f"real weights not installed: {exc}")
+    monkeypatch.setenv("WEFT_CACHE", str(tmp_path))
+    return ModelSet.load()

@@ -370,15 +370,8 @@ def test_tool_registry_runs_plain_and_async_tools():
 
 
 @pytest.mark.slow
-def test_real_weights_retrieve_on_the_fpga_bundle_and_answer_on_the_cpu(tmp_path, monkeypatch):
-    from weft.sw.models import minilm
-
-    try:
-        minilm.model_path(), s.default_gguf_path()
-    except Exception as exc:  # the weights packages are not installed
-        pytest.skip(f"real weights not installed: {exc}")
-    monkeypatch.setenv("WEFT_CACHE", str(tmp_path))
-    real = ModelSet.load()
+def test_real_weights_retrieve_on_the_fpga_bundle_and_answer_on_the_cpu(real_models):
+    real = real_models
     docs = ["The Louvre is closed on Tuesdays.", "The Eiffel Tower's top floor costs 36 euros for adults.",
             "Paris metro tickets cost 2.15 euros."]
     # the real MiniLM as an int8 bundle on the bit-exact model (slow: tens of seconds a sentence)

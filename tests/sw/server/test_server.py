@@ -184,15 +184,8 @@ def test_auth_and_backpressure(models):
 
 
 @pytest.mark.slow
-def test_real_models_through_the_openai_client(tmp_path, monkeypatch):
-    from weft.sw.models import minilm
-
-    try:
-        minilm.model_path(), s.default_gguf_path()
-    except Exception as exc:  # the weights packages are not installed
-        pytest.skip(f"real weights not installed: {exc}")
-    monkeypatch.setenv("WEFT_CACHE", str(tmp_path))
-    real = ModelSet.load()
+def test_real_models_through_the_openai_client(real_models):
+    real = real_models
     app = create_app(lambda: [FpgaDevice(load_config("default"), models=real), TorchDevice(real, "cpu")])
     with ServerThread(app, startup_timeout_s=600) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
