@@ -331,3 +331,16 @@ def test_twin_exits_when_its_host_dies(tmp_path):
         os.kill(int(pid), signal.SIGKILL)
         pytest.fail("the twin outlived its host by 10 s")
     assert not os.path.exists(workdir)
+
+
+def test_model_threads_from_the_environment(monkeypatch):
+    from weft.sim.twin import model_threads
+
+    monkeypatch.delenv("WEFT_TWIN_THREADS", raising=False)
+    assert model_threads() == 1
+    monkeypatch.setenv("WEFT_TWIN_THREADS", "2")
+    assert model_threads() == 2
+    for bad in ("0", "two", "-1", "65"):
+        monkeypatch.setenv("WEFT_TWIN_THREADS", bad)
+        with pytest.raises(ValueError, match="WEFT_TWIN_THREADS"):
+            model_threads()
