@@ -323,19 +323,29 @@ class _Lowerer:
         scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
         probs = self.scratch(node.name + ".probs", Sq * Skv)
         for h in range(H):
-            body = self.gemm(node, M=Sq, N=Skv, K=dh, a_addr=q.address + h * dh, a_stride=q.stride,
-                             b_addr=k.address + h * dh, b_stride=k.stride, out_addr=scores.address,
-                             out_stride=Skv * 4, output="int32", b_transposed=True)
-            self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"head {h}: q k^T {Sq}x{Skv}x{dh} (int32)",
-                             self.last_drain)
-            self.emit_kernel(f"{node.name}.h{h}.softmax", node,
-                             self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec),
-                             f"head {h}: softmax {Sq}x{Skv}" + (f", keys < {mask}" if mask else ""))
-            body = self.gemm(node, M=Sq, N=dv, K=Skv, a_addr=probs.address, a_stride=Skv,
-                             b_addr=v.address + h * dv, b_stride=v.stride, out_addr=ctx.address + h * dv,
-                             out_stride=ctx.stride, params_addr=pv_params + h * 2 * dv * 4)
-            self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
+            self.attention_head(node, h, h, Sq=Sq, Skv=Skv, dk=dh, dv=dv, q=q, k=k, v=v, ctx=ctx, scores=scores,
+                                probs=probs, rec=rec, pv_params=pv_params + h * 2 * dv * 4,
+                                qk_note=f"head {h}", softmax_note=f", keys < {mask}" if mask else "")
         self.free += [scores, probs]
+
+    def attention_head(self, node: Node, h: int, g: int, *, Sq: int, Skv: int, dk: int, dv: int, q, k, v, ctx,
+                       scores, probs, rec: int, pv_params: int, qk_note: str, softmax_note: str = "",
+                       causal: bool = False) -> None:
+        """One head's three kernels: ``q_h k_g^T`` (int32 scores), the softmax into int8
+        probabilities, ``P v_g`` requantized into the head's context columns. ``g`` is the key /
+        value head the query head ``h`` reads (``h`` itself without grouping)."""
+        body = self.gemm(node, M=Sq, N=Skv, K=dk, a_addr=q.address + h * dk, a_stride=q.stride,
+                         b_addr=k.address + g * dk, b_stride=k.stride, out_addr=scores.address,
+                         out_stride=Skv * 4, output="int32", b_transposed=True)
+        self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"{qk_note}: q k^T {Sq}x{Skv}x{dk} (int32)",
+                         self.last_drain)
+        self.emit_kernel(f"{node.name}.h{h}.softmax", node,
+                         self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal),
+                         f"head {h}: softmax {Sq}x{Skv}{softmax_note}")
+        body = self.gemm(node, M=Sq, N=dv, K=Skv, a_addr=probs.address, a_stride=Skv,
+                         b_addr=v.address + g * dv, b_stride=v.stride, out_addr=ctx.address + h * dv,
+                         out_stride=ctx.stride, params_addr=pv_params)
+        self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
 
     # ------------------------------------------------------------------ head views (layout ops)
     def lower_layout(self, node: Node) -> None:
@@ -474,18 +484,9 @@ class _Lowerer:
         causal = bool(node.attrs.get("causal"))
         for h in range(H):
             g = h // G
-            body = self.gemm(node, M=Sq, N=Skv, K=D, a_addr=q.address + h * D, a_stride=q.stride,
-                             b_addr=k.address + g * D, b_stride=k.stride, out_addr=scores.address,
-                             out_stride=Skv * 4, output="int32", b_transposed=True)
-            self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"head {h} (kv {g}): q k^T {Sq}x{Skv}x{D} (int32)",
-                             self.last_drain)
-            self.emit_kernel(f"{node.name}.h{h}.softmax", node,
-                             self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal),
-                             f"head {h}: softmax {Sq}x{Skv}" + (" causal" if causal else ""))
-            body = self.gemm(node, M=Sq, N=D, K=Skv, a_addr=probs.address, a_stride=Skv,
-                             b_addr=v.address + g * D, b_stride=v.stride, out_addr=ctx.address + h * D,
-                             out_stride=ctx.stride, params_addr=pv_params)
-            self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{D}x{Skv}", self.last_drain)
+            self.attention_head(node, h, g, Sq=Sq, Skv=Skv, dk=D, dv=D, q=q, k=k, v=v, ctx=ctx, scores=scores,
+                                probs=probs, rec=rec, pv_params=pv_params, qk_note=f"head {h} (kv {g})",
+                                softmax_note=" causal" if causal else "", causal=causal)
         self.free += [scores, probs]
 
     def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False) -> list[Instruction]:
