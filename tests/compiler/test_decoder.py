@@ -13,11 +13,25 @@ import torch
 from onnx import TensorProto, helper
 
 from weft.compiler.frontend import UnsupportedOpError, import_onnx
-from weft.compiler.pipeline import quantize_for_device
+from weft.compiler.pipeline import host_inputs, quantize_for_device
 from weft.compiler.reference import run_float, run_int8
+from weft.sim.golden import run_bundle
 from weft.sw.models import smollm2 as S
 
 T, CTX = 8, 16
+
+
+def _assert_bundle_exact_and_close(g, qg, bundle, config, feeds, block):
+    """The bundle on the bit-exact model equals run_int8 exactly, and run_int8 follows the
+    float PyTorch block (correlation > 0.98)."""
+    outputs, _ = run_bundle(bundle, host_inputs(g, feeds, bundle), config)
+    spec = bundle.outputs[0]
+    ref = run_int8(qg, feeds)[spec.name]
+    expect = np.rint(ref.reshape(spec.shape).astype(np.float64) / spec.scale).astype(np.int64)
+    np.testing.assert_array_equal(outputs[spec.name].astype(np.int64), expect)
+    with torch.no_grad():
+        want = block(torch.from_numpy(feeds["x"])).numpy()
+    assert np.corrcoef(ref.ravel(), want.ravel())[0, 1] > 0.98
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +252,7 @@ class _NormMLP(torch.nn.Module):
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
 def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name):
     from weft.compiler.lower import lower
-    from weft.compiler.pipeline import host_inputs
     from weft.hw.config import load_config
-    from weft.sim.golden import run_bundle
 
     cfg = S.SmolLM2Config.tiny()
     torch.manual_seed(0)
@@ -258,14 +270,7 @@ def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name):
     config = load_config(config_name)
     bundle = lower(qg, config, model="ffn")
     feeds = {"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)}
-    outputs, _ = run_bundle(bundle, host_inputs(g, feeds, bundle), config)
-    spec = bundle.outputs[0]
-    ref = run_int8(qg, feeds)[spec.name]
-    expect = np.rint(ref.reshape(spec.shape).astype(np.float64) / spec.scale).astype(np.int64)
-    np.testing.assert_array_equal(outputs[spec.name].astype(np.int64), expect)
-    with torch.no_grad():
-        want = block(torch.from_numpy(feeds["x"])).numpy()
-    assert np.corrcoef(ref.ravel(), want.ravel())[0, 1] > 0.98
+    _assert_bundle_exact_and_close(g, qg, bundle, config, feeds, block)
 
 
 # ---------------------------------------------------------------------------- real weights (slow)
@@ -314,9 +319,7 @@ class _AttnBlock(torch.nn.Module):
 @pytest.mark.parametrize("config_name,rope", [("tiny", False), ("default", False), ("tiny", True), ("default", True)])
 def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope):
     from weft.compiler.lower import lower
-    from weft.compiler.pipeline import host_inputs
     from weft.hw.config import load_config
-    from weft.sim.golden import run_bundle
 
     cfg = S.SmolLM2Config.tiny()
     torch.manual_seed(1)
@@ -335,14 +338,7 @@ def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope):
     if config_name == "tiny":  # the causal softmax runs in several query chunks (one record each)
         assert any(seg.name.endswith(".softmax_records") for seg in bundle.segments)
     feeds = {"x": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32)}
-    outputs, _ = run_bundle(bundle, host_inputs(g, feeds, bundle), config)
-    spec = bundle.outputs[0]
-    ref = run_int8(qg, feeds)[spec.name]
-    expect = np.rint(ref.reshape(spec.shape).astype(np.float64) / spec.scale).astype(np.int64)
-    np.testing.assert_array_equal(outputs[spec.name].astype(np.int64), expect)
-    with torch.no_grad():
-        want = block(torch.from_numpy(feeds["x"])).numpy()
-    assert np.corrcoef(ref.ravel(), want.ravel())[0, 1] > 0.98
+    _assert_bundle_exact_and_close(g, qg, bundle, config, feeds, block)
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
