@@ -33,7 +33,8 @@ from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue
 
 from .memory import DeviceMemoryPlan
 
-__all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle"]
+__all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle",
+           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
 
@@ -211,6 +212,169 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=out_row, rows=m, cols=n,
                                              stride=out_stride, wait={MM}, signal={MM}))
             tile += 1
+    if halt:
+        prog.append(Instruction.make(Opcode.HALT))
+    return prog
+
+
+# ---------------------------------------------------------------------- GEMV (decode)
+@dataclass(frozen=True)
+class GemvPlan:
+    """Tiling of ``y = x @ W`` for a single row ``x`` (1 x K) with the weights streamed.
+
+    The weight-stationary GEMM above would preload a weight tile to do one row of MACs, and a
+    PRELOAD reads its rows far slower than the bus delivers them. Here the roles swap: the
+    ``x`` slice ``x[t*R:(t+1)*R]`` is the stationary tile (one column, preloaded transposed from
+    one scratchpad row), and the rows of ``W^T`` (``N x K``, stored transposed in device memory)
+    stream through the array as the input operand, one row of ``R`` int8 per cycle. Output
+    channel ``n`` accumulates in column 0 of accumulator row ``n`` of a block, over the ``K``
+    slices. Each block's column goes to device memory (``N`` int32, one row per channel);
+    for int8 output it comes back row-major, ``cols`` channels per accumulator row, for REQUANT's
+    per-column bias and scale words (one REQUANT per row of ``cols`` channels).
+    """
+
+    N: int
+    K: int
+    output: str
+    cols: int  # channels per accumulator row in the requant passes (array.cols)
+    nb: int  # output channels per block (accumulator rows of one column slot)
+    n_blocks: int
+    k_tiles: int
+    w_slots: int
+    sp_w: tuple[int, ...]  # first row of each W^T slot (nb rows each); the x slices are rows 0..k_tiles-1
+    acc_col: tuple[int, ...]  # first row of each column slot (nb rows each)
+    g: int  # rows of ``cols`` channels requantized per pass (int8 output); data at accumulator
+    #         row 0, parameter rows after it, int8 rows at scratchpad row 0 (after a fence)
+
+    @property
+    def steps(self) -> int:
+        return self.n_blocks * self.k_tiles
+
+    def block_rows(self, b: int) -> int:
+        return min(self.nb, self.N - b * self.nb)
+
+
+def plan_gemv(config: AcceleratorConfig, N: int, K: int, *, output: str = "int8", w_slots: int = 4,
+              max_block_rows: int | None = None) -> GemvPlan:
+    """Blocks and on-chip addresses of a weight-streaming GEMV (see :class:`GemvPlan`).
+
+    A block is as many channels as half the accumulator holds (two column slots, so one
+    block's column is stored while the next accumulates), limited by the scratchpad's room for
+    ``w_slots`` streamed slices. Raises :class:`GemmError` naming the memory that is too small.
+    """
+    if output not in ("int8", "int32"):
+        raise GemmError(f"output must be 'int8' or 'int32', got {output!r}")
+    for name, value in (("N", N), ("K", K), ("w_slots", w_slots)):
+        if value < 1:
+            raise GemmError(f"{name}={value}: must be at least 1")
+    R, C = config.array.rows, config.array.cols
+    if config.sp_row_elems < R:  # pragma: no cover - sp rows are max(R, C) wide
+        raise GemmError("scratchpad rows narrower than the array")
+    if config.queues.token_max < max(w_slots, 2):
+        raise GemmError(f"queues.token_max={config.queues.token_max} is too small: the GEMV kernel keeps "
+                        f"up to {max(w_slots, 2)} tokens in flight between two queues")
+    k_tiles = math.ceil(K / R)
+    nb = min(config.acc_rows // 2, (config.sp_rows - k_tiles) // w_slots, (1 << 16) - 1, max_block_rows or N, N)
+    g = min(config.acc_rows // 3, config.sp_rows, math.ceil(N / C))
+    if nb < 1 or g < 1:
+        raise GemmError(f"GEMV {N}x{K} does not fit: x needs {k_tiles} scratchpad rows and each of {w_slots} "
+                        f"weight slots at least one ({config.sp_rows} rows); the accumulator needs 3 rows "
+                        f"({config.acc_rows})")
+    n_blocks = math.ceil(N / nb)
+    nb = math.ceil(N / n_blocks)
+    return GemvPlan(N, K, output, C, nb, n_blocks, k_tiles, w_slots,
+                    sp_w=tuple(k_tiles + s * nb for s in range(w_slots)), acc_col=(0, nb), g=g)
+
+
+def gemv_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarray:
+    """The GEMV kernel's parameter words: per row of ``cols`` channels, the bias row then the
+    scale-word row (``[ceil(N / cols), 2, cols]`` int32, zero-padded), so one LOAD brings a
+    requant pass's parameters."""
+    C = config.array.cols
+    bias = np.asarray(bias, np.int64).ravel()
+    words = np.broadcast_to(np.asarray(scale_words, np.int64).ravel(), bias.shape)
+    slices = math.ceil(bias.size / C)
+    out = np.zeros((2, slices * C), dtype=np.int32)
+    out[0, :bias.size], out[1, :bias.size] = bias, words
+    return np.ascontiguousarray(out.reshape(2, slices, C).transpose(1, 0, 2))
+
+
+def gemv_program(config: AcceleratorConfig, plan: GemvPlan, *, x_addr: int, wt_addr: int, out_addr: int,
+                 col_addr: int | None = None, params_addr: int | None = None, relu: bool = False,
+                 halt: bool = True) -> list[Instruction]:
+    """Emit the instruction stream for ``plan``.
+
+    Device-memory operands: ``x`` int8 ``1 x K``; ``W^T`` int8 ``N x K`` row-major (row stride
+    ``K``); the output ``1 x N`` (int8, or int32 accumulators). For int8 output, ``col_addr`` is
+    a scratch of ``4 * cols * ceil(N / cols)`` bytes for the int32 column and ``params_addr`` the
+    :func:`gemv_params` words. For int32 output the column is the output (``col_addr`` unused).
+
+    Time: ``ceil(K / R) * N`` cycles of streaming, one weight row per cycle, the bus's rate when
+    a row of ``R`` int8 is one beat; the loads of a slot overlap the MATMUL of the slot before.
+    Then ``N`` one-beat stores of the column and, for int8, ``ceil(N / cols)`` REQUANTs.
+    """
+    R, C = config.array.rows, config.array.cols
+    N, K = plan.N, plan.K
+    int8_out = plan.output == "int8"
+    if int8_out and (params_addr is None or col_addr is None):
+        raise GemmError("int8 GEMV output needs params_addr and col_addr")
+    column = col_addr if int8_out else out_addr
+    prog: list[Instruction] = []
+    # ---- x: slice t in scratchpad row t (the last one zero-padded by the load)
+    full, rest = divmod(K, R)
+    if full:
+        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=0, dram=x_addr, rows=full, cols=R, stride=R))
+    if rest:
+        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=full, dram=x_addr + full * R, rows=1,
+                                     cols=rest, stride=rest))
+    step = 0
+    for b in range(plan.n_blocks):
+        n0, m = b * plan.nb, plan.block_rows(b)
+        acc = plan.acc_col[b % 2]
+        for t in range(plan.k_tiles):
+            k = min(R, K - t * R)
+            slot = plan.sp_w[step % plan.w_slots]
+            prog.append(Instruction.make(
+                Opcode.LOAD, mem=Mem.SP, local=slot, dram=wt_addr + n0 * K + t * R, rows=m, cols=k, stride=K,
+                wait=[MM] if step >= plan.w_slots else [], signal=[MM]))
+            wait = {L} | ({S} if t == 0 and b >= 2 else set())  # the column slot has been stored
+            prog.append(Instruction.make(Opcode.PRELOAD, sp=t, k=k, n=1, transpose=1, wait=wait))
+            last = t == plan.k_tiles - 1
+            prog.append(Instruction.make(Opcode.MATMUL, a=slot, acc=acc, m=m, k=k, accumulate=int(t > 0),
+                                         signal={L} | ({S} if last else set())))
+            step += 1
+        prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=column + n0 * 4, rows=m, cols=1,
+                                     stride=4, wait=[MM], signal=[MM] if b + 2 < plan.n_blocks else []))
+    if int8_out:
+        # Every column row must be in device memory before it is read back row-major.
+        prog.append(Instruction.make(Opcode.FENCE))
+        slices = math.ceil(N / C)
+        passes = range(0, slices, plan.g)
+        for p, j0 in enumerate(passes):
+            g = min(plan.g, slices - j0)
+            q, par = 0, g
+            prog.append(Instruction.make(Opcode.LOAD, mem=Mem.ACC, local=q, dram=col_addr + j0 * C * 4, rows=g,
+                                         cols=C, stride=C * 4, wait=[V] if p else []))
+            prog.append(Instruction.make(Opcode.LOAD, mem=Mem.ACC, local=par, dram=params_addr + j0 * 2 * C * 4,
+                                         rows=2 * g, cols=C, stride=C * 4, signal=[V]))
+            for j in range(g):
+                wait = ({L} if j == 0 else set()) | ({S} if j == 0 and p else set())
+                signal = {L, S} if j == g - 1 else set()
+                if p + 1 == len(passes) and j == g - 1:
+                    signal = {S}
+                prog.append(Instruction.make(Opcode.REQUANT, src=q + j, dst=j, rows=1,
+                                             param=par + 2 * j, relu=int(relu), wait=wait, signal=signal))
+            n_last = min(C, N - (j0 + g - 1) * C)  # channels in the pass's last row
+            last_pass = p + 1 == len(passes)
+            if g > 1 or n_last == C:
+                full_rows = g if n_last == C else g - 1
+                prog.append(Instruction.make(Opcode.STORE, mem=Mem.SP, local=0, dram=out_addr + j0 * C,
+                                             rows=full_rows, cols=C, stride=C, wait=[V],
+                                             signal=[] if last_pass or n_last != C else [V]))
+            if n_last != C:
+                prog.append(Instruction.make(Opcode.STORE, mem=Mem.SP, local=g - 1,
+                                             dram=out_addr + (j0 + g - 1) * C, rows=1, cols=n_last, stride=n_last,
+                                             wait=[] if g > 1 else [V], signal=[] if last_pass else [V]))
     if halt:
         prog.append(Instruction.make(Opcode.HALT))
     return prog

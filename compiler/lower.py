@@ -41,7 +41,7 @@ from weft.hw.config import AcceleratorConfig
 from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue, format_instruction
 from weft.hw.vector_numerics import param_rows
 
-from .gemm import GemmError, plan_gemm, gemm_program
+from .gemm import GemmError, gemm_program, gemv_params, gemv_program, plan_gemm, plan_gemv
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
@@ -281,24 +281,49 @@ class _Lowerer:
         return tpl
 
     def lower_linear(self, node: Node) -> None:
+        """The GEMM kernel; a single row (a decode step) takes the weight-streaming GEMV
+        (``gemm.gemv_program``: weights stored transposed, about the bus rate instead of one
+        weight-tile PRELOAD per row of MACs)."""
         p = self.qg.linears[node.name]
         x = self.tensor_in(node, node.inputs[0])
         K, N = p.weight.shape
         M = x.rows
         cols = self.column_perm.get(node.name, np.arange(N))  # RoPE: interleaved pairs per head
+        wide = p.output == "int32"
+        if wide and (node.outputs[0] not in self.graph_outputs or np.any(p.bias)):
+            self.fail(node, "an int32 Linear output is only lowered as a graph output without bias (logits)")
+        if M == 1:
+            self.lower_gemv(node, p, x, cols, wide)
+            return
         w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols]))
         params = np.zeros((2, N), dtype=np.int32)
         params[0] = np.broadcast_to(p.bias, (N,))[cols]
         params[1] = np.broadcast_to(p.scale_words, (N,))[cols]
         p_addr = self.const(f"{node.name}.params", params)
-        wide = p.output == "int32"
-        if wide and (node.outputs[0] not in self.graph_outputs or np.any(p.bias)):
-            self.fail(node, "an int32 Linear output is only lowered as a graph output without bias (logits)")
         out = self.out_tensor(node.outputs[0], M, N, 4 if wide else 1)  # a graph output: straight into its region
         body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address, a_stride=x.stride, b_addr=w_addr, b_stride=N,
                          out_addr=out.address, out_stride=out.stride, params_addr=p_addr,
                          output="int32" if wide else "int8")
         self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}", self.last_drain)
+
+    def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool) -> None:
+        K, N = p.weight.shape
+        try:
+            plan = plan_gemv(self.cfg, N, K, output="int32" if wide else "int8")
+        except GemmError as exc:
+            self.fail(node, str(exc))
+        wt_addr = self.const(f"{node.name}.weight_t", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols].T))
+        out = self.out_tensor(node.outputs[0], 1, N, 4 if wide else 1)
+        params_addr = col = None
+        if not wide:
+            words = gemv_params(self.cfg, np.broadcast_to(p.bias, (N,))[cols], np.broadcast_to(p.scale_words, (N,))[cols])
+            params_addr = self.const(f"{node.name}.params", words)
+            col = self.scratch(node.name + ".column", words.shape[0] * self.C * 4)
+        body = gemv_program(self.cfg, plan, x_addr=x.address, wt_addr=wt_addr, out_addr=out.address,
+                            col_addr=col.address if col else None, params_addr=params_addr, halt=False)
+        if col is not None:
+            self.free.append(col)
+        self.emit_kernel(node.name, node, body, f"GEMV {N}x{K}")
 
     # ------------------------------------------------------------------ attention
     def lower_attention(self, node: Node) -> None:

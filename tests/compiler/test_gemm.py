@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weft.compiler.gemm import GemmError, build_gemm_bundle, gemm_program, plan_gemm
+from weft.compiler.gemm import (GemmError, build_gemm_bundle, gemm_program, gemv_params, gemv_program, plan_gemm,
+                                plan_gemv)
 from weft.hw.bundle import Bundle
 from weft.hw.config import AcceleratorConfig, load_config
 from weft.hw.isa import Opcode
@@ -281,3 +282,76 @@ def test_gemm_bundle_runs_on_a_config_with_minimal_queues():
     out, stats = run_bundle(build_gemm_bundle(SHALLOW, w, 21), {"a": a}, SHALLOW)
     np.testing.assert_array_equal(out["c"], a.astype(np.int64) @ w.astype(np.int64))
     assert stats.max_tokens <= 2
+
+
+# ---------------------------------------------------------------------- weight-streaming GEMV
+def run_gemv(config, plan, x, w, *, bias, mult, shift, relu=False):
+    """``x @ w`` (x: 1 x K, w: K x N) with W^T laid out row-major, on the bit-exact model."""
+    K, N = w.shape
+    int8 = plan.output == "int8"
+    C = config.array.cols
+    slices = -(-N // C)
+    x_addr = 0
+    wt_addr = _align(K)
+    col_addr = _align(wt_addr + N * K)
+    p_addr = _align(col_addr + 4 * slices * C)
+    out_addr = _align(p_addr + 8 * slices * C)
+    machine = GoldenMachine(config, memory_bytes=_align(out_addr + 4 * N) + 256)
+    machine.write(x_addr, x.ravel())
+    machine.write(wt_addr, np.ascontiguousarray(w.T))
+    words = np.array([int(m) | (int(s) << 16) for m, s in zip(mult, shift)], dtype=np.int64)
+    machine.write(p_addr, gemv_params(config, bias, words).astype("<i4"))
+    program = gemv_program(config, plan, x_addr=x_addr, wt_addr=wt_addr, out_addr=out_addr,
+                           col_addr=col_addr if int8 else None, params_addr=p_addr if int8 else None, relu=relu)
+    stats = machine.run(program)
+    out = np.frombuffer(machine.read(out_addr, N * (1 if int8 else 4)), np.int8 if int8 else np.dtype("<i4"))
+    return out[None], stats, program
+
+
+GEMV_SHAPES = [(1, 1), (4, 4), (3, 7), (17, 33), (40, 9), (64, 20)]
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "shallow", "default"])
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=["x".join(map(str, s)) for s in GEMV_SHAPES])
+@pytest.mark.parametrize("max_block_rows, w_slots", [(None, 4), (3, 1), (7, 2)])
+def test_gemv_programs_compute_numpy_and_are_race_free(config_name, shape, max_block_rows, w_slots):
+    config = CONFIGS[config_name]
+    N, K = shape
+    w_slots = min(w_slots, config.queues.token_max)
+    rng = np.random.default_rng(N * 1000 + K)
+    x = rng.integers(-128, 128, (1, K), dtype=np.int8)
+    w = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bias, mult, shift = rng.integers(-(1 << 18), 1 << 18, N), rng.integers(0, 1 << 16, N), rng.integers(8, 24, N)
+    for output in ("int8", "int32"):
+        plan = plan_gemv(config, N, K, output=output, w_slots=w_slots, max_block_rows=max_block_rows)
+        relu = output == "int8" and N % 2 == 0
+        out, stats, program = run_gemv(config, plan, x, w, bias=bias, mult=mult, shift=shift, relu=relu)
+        np.testing.assert_array_equal(out, _expected(x, w, output, bias, mult, shift, relu))
+        assert stats.max_tokens <= config.queues.token_max
+        assert stats.macs >= N * K  # the array multiplies the whole stationary column
+
+
+def test_gemv_requant_in_several_passes():
+    """More output rows than a third of the accumulator: the requant runs in passes."""
+    config = _with_queues(TINY, depth=2)
+    N = (config.acc_rows // 3) * config.array.cols * 2 + 3
+    K = 5
+    rng = np.random.default_rng(7)
+    x = rng.integers(-128, 128, (1, K), dtype=np.int8)
+    w = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bias, mult, shift = rng.integers(-5000, 5000, N), rng.integers(1, 1 << 16, N), rng.integers(10, 20, N)
+    plan = plan_gemv(config, N, K)
+    assert -(-N // config.array.cols) > plan.g
+    out, _, _ = run_gemv(config, plan, x, w, bias=bias, mult=mult, shift=shift)
+    np.testing.assert_array_equal(out, _expected(x, w, "int8", bias, mult, shift, False))
+
+
+def test_gemv_plan_errors():
+    with pytest.raises(GemmError, match="output must be"):
+        plan_gemv(TINY, 4, 4, output="int16")
+    with pytest.raises(GemmError, match="N=0"):
+        plan_gemv(TINY, 0, 4)
+    with pytest.raises(GemmError, match="token_max"):
+        plan_gemv(SHALLOW, 4, 4, w_slots=4)
+    with pytest.raises(GemmError, match="params_addr and col_addr"):
+        gemv_program(TINY, plan_gemv(TINY, 4, 4), x_addr=0, wt_addr=0, out_addr=0)

@@ -73,6 +73,37 @@ def test_tiny_bert_bundle_equals_int8_reference(tiny, config_name):
     assert set(bundle.metadata["layers"]) == {"embeddings", "layer0", "layer1"}
 
 
+def _mlp_graph(M: int, K: int = 40, F: int = 72, N: int = 24, seed: int = 0):
+    """x [M, K] -> Linear -> Gelu -> Linear -> y: an FFN as ONNX nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((r.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+             for name, shape in (("w1", (K, F)), ("w2", (F, N)))]
+    inits += [numpy_helper.from_array(r.standard_normal(n).astype(np.float32) * 0.1, name)
+              for name, n in (("b1", F), ("b2", N))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]),
+             helper.make_node("Gelu", ["h"], ["g"]), helper.make_node("MatMul", ["g", "w2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])], initializer=inits)
+    return import_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+def test_single_row_linears_take_the_gemv_and_equal_int8_reference(config_name):
+    """At one row (a decode step) every Linear is the weight-streaming GEMV: same integers."""
+    graph = _mlp_graph(1)
+    r = np.random.default_rng(3)
+    qg = quantize_for_device(graph, [{"x": r.standard_normal((1, 40)).astype(np.float32)} for _ in range(4)])
+    config = load_config(config_name)
+    bundle = lower(qg, config)
+    linears = [k for k in bundle.metadata["kernels"] if k["op"] == "Linear"]
+    assert len(linears) == 2 and all(k["detail"].startswith("GEMV") for k in linears)
+    for _ in range(2):
+        _check_exact(graph, qg, bundle, config, {"x": r.standard_normal((1, 40)).astype(np.float32)})
+
+
 def test_full_sequence_and_host_graph(tiny):
     """No padding at all (kv_len = seq), and the pickled-host-graph path of ``weft embed``."""
     graph, qg = tiny
