@@ -34,7 +34,7 @@ from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue
 from .memory import DeviceMemoryPlan
 
 __all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle",
-           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params"]
+           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
 
@@ -417,6 +417,37 @@ def build_gemm_bundle(config: AcceleratorConfig, weights: np.ndarray, M: int, *,
                            params_addr=params_addr, relu=relu)
     assert len(program) * INSTR_BYTES <= program_size
     meta = {"kernel": "gemm", "M": M, "N": N, "K": K, "output": output, "block_rows": plan.mb, **(metadata or {})}
+    return Bundle.for_config(config, program=program, program_address=program_addr, segments=segments,
+                             inputs=[a_spec], outputs=[c_spec], regions=mem.regions, metadata=meta)
+
+
+def build_gemv_bundle(config: AcceleratorConfig, weights: np.ndarray, *, bias: np.ndarray | None = None,
+                      scale_words: np.ndarray | None = None, relu: bool = False, metadata: dict | None = None) -> Bundle:
+    """:func:`build_gemm_bundle` for one row: ``c = a @ weights`` (a: 1 x K) by the weight-streaming
+    GEMV, the weights stored transposed. int8 output with ``scale_words``, else int32."""
+    weights = np.asarray(weights)
+    if weights.ndim != 2 or weights.dtype != np.int8:
+        raise GemmError(f"weights must be a 2-D int8 array, got {weights.ndim}-D {weights.dtype}")
+    K, N = weights.shape
+    output = "int8" if scale_words is not None else "int32"
+    if output == "int32" and bias is not None:
+        raise GemmError("bias applies only to int8 output")
+    plan = plan_gemv(config, N, K, output=output)
+    mem = DeviceMemoryPlan(config)
+    segments = [Segment("weights_t", mem.allocate("weights_t", weights.nbytes, "constant"),
+                        np.ascontiguousarray(weights.T).tobytes())]
+    params_addr = col_addr = None
+    if output == "int8":
+        params = gemv_params(config, np.zeros(N, np.int64) if bias is None else bias, scale_words).astype("<i4")
+        params_addr = mem.allocate("params", params.nbytes, "constant")
+        segments.append(Segment("params", params_addr, params.tobytes()))
+        col_addr = mem.allocate("column", params.shape[0] * config.array.cols * 4, "scratch")
+    a_spec = TensorSpec.dense("a", (1, K), "int8", mem.allocate("a", K, "input"))
+    c_spec = TensorSpec.dense("c", (1, N), output, mem.allocate("c", N * (1 if output == "int8" else 4), "output"))
+    program = gemv_program(config, plan, x_addr=a_spec.address, wt_addr=segments[0].address, out_addr=c_spec.address,
+                           col_addr=col_addr, params_addr=params_addr, relu=relu)
+    program_addr = mem.allocate("program", len(program) * INSTR_BYTES, "program")
+    meta = {"kernel": "gemv", "M": 1, "N": N, "K": K, "output": output, "block_rows": plan.nb, **(metadata or {})}
     return Bundle.for_config(config, program=program, program_address=program_addr, segments=segments,
                              inputs=[a_spec], outputs=[c_spec], regions=mem.regions, metadata=meta)
 

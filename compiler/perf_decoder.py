@@ -6,18 +6,12 @@ against the memory roofline, plus the device-memory plan for a context length.
 (M = 1), so the step is bound by reading the weights and the KV cache over the bus. The roofline
 is ``(weight bytes + KV bytes) / bus bytes per cycle``. With the array's usual weight-stationary
 GEMM a weight tile costs a PRELOAD (``TimingParams.preload_per_row`` cycles per row) to do one
-row of MACs, far below the bus rate; the estimate therefore models the **weight-streaming GEMV**
-kernel the decode step is planned around (not lowered yet): the activation slice ``x[k0:k0+R]``
-is the stationary tile (one column), the weight's rows ``W^T[n, k0:k0+R]`` stream through the
-array as the A operand (one row of R int8 per cycle, the bus width on ``default``), partial sums
-accumulate over the K slices in the accumulator (a column of N int32), and a per-row ``vbin mul``
-by the per-output-channel scale words (REQUANT's scales are per accumulator column, the channels
-are rows here) produces the int8 output column, stored as a row for the next GEMV. Per GEMV:
-
-* stream: ``ceil(K / R)`` slices x ``N`` rows, each ``max(N, N * k / bus)`` cycles (compute vs DMA);
-* exposed: one PRELOAD of the first x slice (later ones overlap the previous MATMUL), the array
-  fill ``R + C``, the per-row scale (``2 N`` vector cycles + overhead) and the output store
-  (``N`` one-byte rows).
+row of MACs, far below the bus rate (about 20% of it on ``default``). The projections and the
+lm_head therefore use the **weight-streaming GEMV** (:func:`weft.compiler.gemm.gemv_program`,
+what ``lower`` emits for a one-row Linear): the activation slice is the stationary tile, the
+rows of ``W^T`` stream through the array at one bus beat each. Its cycles here are
+:func:`weft.compiler.perf.program_cost` of the kernel itself (90-99% of the bus rate per
+projection on ``default``; the Verilator twin agrees within 1%, ``weft bench gemm``).
 
 Attention over ``L`` cached positions per KV head: ``q k^T`` streams K's ``L`` rows (the G query
 heads of the group share one stationary tile of G columns), ``vrow softmax`` over L for G rows,
@@ -32,7 +26,8 @@ from dataclasses import dataclass, field
 
 from weft.hw.config import AcceleratorConfig
 
-from .perf import TimingParams, gemm_cost
+from .gemm import gemv_program, plan_gemv
+from .perf import TimingParams, gemm_cost, program_cost
 
 __all__ = ["DecoderShape", "decoder_shape", "DecodeEstimate", "decode_step_estimate", "prefill_estimate",
            "weight_stationary_linears",
@@ -88,16 +83,21 @@ class DecodeEstimate:
         return self.cycles / config.clock_mhz / 1e3
 
 
-def _gemv_cycles(config: AcceleratorConfig, K: int, N: int, p: TimingParams) -> tuple[int, int]:
-    """(cycles, bytes) of the weight-streaming GEMV ``x[1, K] @ W[K, N]`` (module docstring)."""
-    R, C, B = config.array.rows, config.array.cols, config.bus_bytes
-    cycles = 0
-    for t in range(math.ceil(K / R)):
-        k = min(R, K - t * R)
-        cycles += max(N, math.ceil(N * k / B))
-    exposed = int(round(p.preload_per_row * min(R, K))) + R + C + 2 * N + p.vector_overhead + N + p.store_overhead
-    nbytes = K * N + 8 * N + K + N
-    return cycles + exposed, nbytes
+def _gemv_cycles(config: AcceleratorConfig, K: int, N: int, p: TimingParams, output: str = "int8") -> tuple[int, int]:
+    """(cycles, bytes) of ``x[1, K] @ W[K, N]`` by the weight-streaming GEMV kernel the decode
+    program uses (:func:`weft.compiler.gemm.gemv_program`), timed by
+    :func:`weft.compiler.perf.program_cost` instruction by instruction."""
+    key = (config.name, config.array.rows, config.array.cols, config.bus_bytes, K, N, output, p)
+    if key not in _GEMV_CACHE:
+        plan = plan_gemv(config, N, K, output=output)
+        prog = gemv_program(config, plan, x_addr=0, wt_addr=1 << 20, out_addr=1 << 27, col_addr=1 << 26,
+                            params_addr=1 << 25)
+        nbytes = K * N + K + (8 * N + N if output == "int8" else 4 * N)
+        _GEMV_CACHE[key] = (max(program_cost(config, prog, p)), nbytes)
+    return _GEMV_CACHE[key]
+
+
+_GEMV_CACHE: dict[tuple, tuple[int, int]] = {}
 
 
 def _vec_row_cycles(config: AcceleratorConfig, length: int, kind: str, p: TimingParams) -> int:
@@ -140,7 +140,7 @@ def decode_step_estimate(config: AcceleratorConfig, shape: DecoderShape, context
         parts["vector"] += 2 * _vec_row_cycles(config, shape.ffn, "ew", p)  # SiLU, mul
         parts["vector"] += 2 * _vec_row_cycles(config, shape.hidden, "ew", p)  # residual adds
     parts["vector"] += _vec_row_cycles(config, shape.hidden, "norm", p)
-    c, b = _gemv_cycles(config, shape.hidden, shape.vocab, p)
+    c, b = _gemv_cycles(config, shape.hidden, shape.vocab, p, output="int32")
     parts["lm_head"] = c
     nbytes += b
     # every kernel ends in a fence: count a pipeline drain per kernel

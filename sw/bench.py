@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from weft.compiler.gemm import build_gemm_bundle
+from weft.compiler.gemm import build_gemm_bundle, build_gemv_bundle
 from weft.hw.config import AcceleratorConfig
 from weft.hw.core import Core
 from weft.hw.vector_numerics import fixed_point_scale, pack_scale_word
@@ -20,7 +20,9 @@ __all__ = ["bench_gemm"]
 def bench_gemm(config: AcceleratorConfig, shapes: list[tuple[int, int, int]], *, seed: int = 0,
                progress=lambda line: None) -> dict:
     """Run int8 GEMM bundles on the core in the Verilator twin and check each against the
-    bit-exact model. Utilization = (M*N*K / (rows*cols)) / CYCLES, from the core's counters."""
+    bit-exact model. Utilization = (M*N*K / (rows*cols)) / CYCLES, from the core's counters.
+    A shape with M = 1 runs the weight-streaming GEMV (a decode step's Linear); its figure of
+    merit is ``roofline`` = (weight and parameter bytes / bus bytes per cycle) / CYCLES."""
     rng = np.random.default_rng(seed)
     rows = []
     start = time.monotonic()
@@ -33,8 +35,9 @@ def bench_gemm(config: AcceleratorConfig, shapes: list[tuple[int, int, int]], *,
             a = rng.integers(-128, 128, (M, K), dtype=np.int8)
             b = rng.integers(-128, 128, (K, N), dtype=np.int8)
             mult, shift = fixed_point_scale(np.full(N, 1.0 / (128 * np.sqrt(K))))
-            bundle = build_gemm_bundle(config, b, M, bias=np.zeros(N, np.int32),
-                                       scale_words=pack_scale_word(mult, shift))
+            words = pack_scale_word(mult, shift)
+            bundle = (build_gemv_bundle(config, b, bias=np.zeros(N, np.int32), scale_words=words) if M == 1 else
+                      build_gemm_bundle(config, b, M, bias=np.zeros(N, np.int32), scale_words=words))
             device.load_bundle(bundle)
             device.write_inputs({"a": a})
             before = device.counters()
@@ -48,8 +51,10 @@ def bench_gemm(config: AcceleratorConfig, shapes: list[tuple[int, int, int]], *,
             ideal = M * N * K / config.macs_per_cycle
             sim_cycles += c["cycles"]
             sim_wall += wall
-            rows.append({"shape": f"{M}x{N}x{K}", "cycles": c["cycles"], "ideal": ideal,
-                         "utilization": ideal / c["cycles"], "exact": exact, "wall_s": wall, **c})
+            roofline = (K * N + 8 * N) / config.bus_bytes / c["cycles"]  # int8 weights, bias + scale words
+            rows.append({"shape": f"{M}x{N}x{K}", "kernel": bundle.metadata["kernel"], "cycles": c["cycles"],
+                         "ideal": ideal, "utilization": ideal / c["cycles"], "roofline": roofline, "exact": exact,
+                         "wall_s": wall, **c})
             progress(f"{M}x{N}x{K}: {c['cycles']} cycles in {wall:.1f} s")
     return {"rows": rows, "cycles_per_s": sim_cycles / max(sim_wall, 1e-9), "launch_s": launch_s}
 

@@ -329,7 +329,7 @@ def cmd_bench(args) -> int:
         return _bench_minilm(config, args.seq_len, per=args.per, sentence=args.sentence)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else GEMM_BENCH_SHAPES
     if args.what == "gemm":
-        return _bench_gemm(config, shapes)
+        return _bench_gemm(config, shapes if args.shapes else GEMM_BENCH_SHAPES + GEMV_BENCH_SHAPES)
     print(f"bit-exact model on configuration {config.name!r}; host: {describe_host()}")
     results = bench_golden(config, shapes)
     rows = [[r["shape"], r["instructions"], f"{r['build_s'] * 1e3:.0f}", f"{r['run_s']:.2f}",
@@ -340,6 +340,8 @@ def cmd_bench(args) -> int:
 
 #: The GEMMs issue #3's utilization targets are stated for.
 GEMM_BENCH_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (128, 1536, 384)]
+#: Decode-step Linears of SmolLM2-135M (one row: the weight-streaming GEMV; issue #6's roofline).
+GEMV_BENCH_SHAPES = [(1, 576, 576), (1, 1536, 576), (1, 576, 1536)]
 
 
 def _bench_gemm(config, shapes) -> int:
@@ -350,13 +352,16 @@ def _bench_gemm(config, shapes) -> int:
           f"{config.bus.data_bits}-bit bus) in the Verilator twin, driven through the driver API; "
           f"host: {describe_host()}")
     result = bench_gemm(config, shapes, progress=lambda line: print(f"  {line}", flush=True))
-    table = [[r["shape"], r["cycles"], f"{r['ideal']:.0f}", f"{r['utilization'] * 100:.1f}%", r["array_busy"],
-              r["stall_load"], r["stall_store"], r["stall_token"], r["stall_fetch"], "yes" if r["exact"] else "NO"]
+    table = [[r["shape"], r["kernel"], r["cycles"], f"{r['ideal']:.0f}", f"{r['utilization'] * 100:.1f}%",
+              f"{r['roofline'] * 100:.1f}%", r["array_busy"], r["stall_load"], r["stall_store"], r["stall_token"],
+              r["stall_fetch"], "yes" if r["exact"] else "NO"]
              for r in result["rows"]]
-    print(format_table(["GEMM MxNxK", "cycles", "ideal", "utilization", "array busy", "stall load", "stall store",
-                        "stall token", "stall fetch", "exact"], table))
-    print(f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter; exact = output equals the "
-          f"bit-exact model's; Verilator model speed {result['cycles_per_s'] / 1e3:.0f} k cycles/s")
+    print(format_table(["MxNxK", "kernel", "cycles", "ideal", "utilization", "roofline", "array busy", "stall load",
+                        "stall store", "stall token", "stall fetch", "exact"], table))
+    print(f"utilization = (M*N*K / {config.macs_per_cycle}) / CYCLES counter; roofline = (K*N weight bytes + 8*N "
+          f"parameter bytes) / {config.bus_bytes} bus bytes per cycle / CYCLES (what bounds a one-row GEMV); "
+          f"exact = output equals the bit-exact model's; Verilator model speed "
+          f"{result['cycles_per_s'] / 1e3:.0f} k cycles/s")
     return EXIT_OK if all(r["exact"] for r in result["rows"]) else EXIT_FAILED
 
 

@@ -355,3 +355,23 @@ def test_gemv_plan_errors():
         plan_gemv(SHALLOW, 4, 4, w_slots=4)
     with pytest.raises(GemmError, match="params_addr and col_addr"):
         gemv_program(TINY, plan_gemv(TINY, 4, 4), x_addr=0, wt_addr=0, out_addr=0)
+
+
+def test_gemv_bundle_round_trip_and_errors():
+    from weft.compiler.gemm import build_gemv_bundle
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (21, 13), dtype=np.int8)
+    a = rng.integers(-128, 128, (1, 21), dtype=np.int8)
+    mult, shift, bias = rng.integers(1, 1 << 16, 13), rng.integers(10, 20, 13), rng.integers(-999, 999, 13)
+    words = (mult | (shift << 16)).astype(np.int32)
+    for scale_words, output in ((words, "int8"), (None, "int32")):
+        bundle = Bundle.from_bytes(build_gemv_bundle(TINY, w, bias=bias if output == "int8" else None,
+                                                     scale_words=scale_words).to_bytes(), config=TINY)
+        assert bundle.metadata["kernel"] == "gemv" and bundle.outputs[0].dtype == output
+        out, _ = run_bundle(bundle, {"a": a}, TINY)
+        np.testing.assert_array_equal(out["c"].reshape(1, 13), _expected(a, w, output, bias, mult, shift, False))
+    with pytest.raises(GemmError, match="2-D int8"):
+        build_gemv_bundle(TINY, w.astype(np.int16))
+    with pytest.raises(GemmError, match="bias applies only"):
+        build_gemv_bundle(TINY, w, bias=bias)
