@@ -30,11 +30,12 @@ import numpy as np
 from weft.hw.bundle import Bundle, Segment, TensorSpec
 from weft.hw.config import AcceleratorConfig
 from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue
+from weft.hw.vector_numerics import pack_scale_word
 
 from .memory import DeviceMemoryPlan
 
 __all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle",
-           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle"]
+           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle", "digit_gemm_params"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
 
@@ -59,13 +60,14 @@ class GemmPlan:
     acc_slots: int
     out_slots: int
     param_slots: int
-    sp_a: tuple[int, ...]  # first row of each A block slot (mb * k_tiles rows each)
+    sp_a: tuple[int, ...]  # first row of each A block slot (mb * k_tiles rows each; 1 or 2 slots)
     sp_b: tuple[int, ...]  # first row of each B tile slot (array.rows rows each)
     sp_out: tuple[int, ...]  # first row of each int8 output slot (mb rows each)
     acc_tile: tuple[int, ...]  # first row of each accumulator slot (mb rows each)
-    acc_param: tuple[int, ...]  # first row of each parameter slot (2 rows each)
+    acc_param: tuple[int, ...]  # first row of each parameter slot (2 rows each, 3 for a two-digit A)
     sp_rows_used: int
     acc_rows_used: int
+    a_digits: bool = False  # A is two int8 digit planes: every block streams 2 x its rows
 
     @property
     def steps(self) -> int:
@@ -76,11 +78,15 @@ class GemmPlan:
 
 
 def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str = "int8",
-              sp_base: int = 0, acc_base: int = 0, b_slots: int = 2, max_block_rows: int | None = None) -> GemmPlan:
+              sp_base: int = 0, acc_base: int = 0, b_slots: int = 2, max_block_rows: int | None = None,
+              a_digits: bool = False) -> GemmPlan:
     """Choose block sizes and on-chip addresses for an ``M x K @ K x N`` GEMM.
 
-    ``mb`` is the largest block that fits double-buffered, then evened out so the blocks
-    have equal sizes. Raises :class:`GemmError` naming the memory that is too small.
+    ``mb`` is the largest block that fits (double-buffered, or in one slot when that means
+    fewer blocks), then evened out so the blocks have equal sizes. ``a_digits``: A is a two-digit tensor (``16 * hi + lo``, two int8
+    planes); a block holds both digits' rows (2 ``mb`` scratchpad rows per K slice, 2 ``mb``
+    accumulator rows per tile) and its parameter slots a third row (the ``vbin add`` words).
+    Raises :class:`GemmError` naming the memory that is too small.
     """
     if output not in ("int8", "int32"):
         raise GemmError(f"output must be 'int8' or 'int32', got {output!r}")
@@ -104,17 +110,34 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
         raise GemmError(f"queues.token_max={config.queues.token_max} is too small: the GEMM kernel keeps "
                         f"up to {max(b_slots, 2)} tokens in flight between two queues")
     int8_out = output == "int8"
+    if a_digits and not int8_out:
+        raise GemmError("a two-digit A needs int8 output (the digits are combined before REQUANT)")
     acc_slots = out_slots = 2
     param_slots = 2 if int8_out else 0
+    param_rows = 3 if a_digits else 2
+    d = 2 if a_digits else 1  # rows streamed per row of A
     sp_free = config.sp_rows - sp_base
-    acc_free = config.acc_rows - acc_base - 2 * param_slots
-    # Scratchpad: 2 A blocks (mb * k_tiles rows each) + b_slots B tiles + 2 output blocks.
-    mb_sp = (sp_free - b_slots * R) // (2 * k_tiles + (out_slots if int8_out else 0))
-    mb_acc = acc_free // acc_slots
-    mb_max = min(mb_sp, mb_acc, (1 << 16) - 1, max_block_rows or M)
+    acc_free = config.acc_rows - acc_base - param_rows * param_slots
+    # Scratchpad: a_slots A blocks (d * mb * k_tiles rows each) + b_slots B tiles + 2 output blocks.
+    # Two A slots load the next block while this one streams; one slot halves the blocks when
+    # K is long (every block streams all of B again, one PRELOAD per tile). One slot is
+    # race-free when b_slots <= k_tiles: block i + 1 loads slice t of A at its step t, after
+    # the MATMUL b_slots steps earlier, which is no earlier than block i's last read of slice t.
+    mb_acc = acc_free // (acc_slots * d)
+
+    def block_rows(a_slots: int) -> int:
+        mb_sp_ = (sp_free - b_slots * R) // (a_slots * d * k_tiles + (out_slots if int8_out else 0))
+        return min(mb_sp_, mb_acc, (1 << 16) - 1, max_block_rows or M)
+
+    a_slots = 2
+    if b_slots <= k_tiles and block_rows(1) >= 1 and (
+            block_rows(2) < 1 or math.ceil(M / block_rows(1)) < math.ceil(M / block_rows(2))):
+        a_slots = 1
+    mb_max = block_rows(a_slots)
     if mb_max < 1:
-        need_sp = b_slots * R + 2 * k_tiles + (out_slots if int8_out else 0)
-        need_acc = acc_slots + 2 * param_slots
+        mb_sp = (sp_free - b_slots * R) // (a_slots * d * k_tiles + (out_slots if int8_out else 0))
+        need_sp = b_slots * R + d * k_tiles + (out_slots if int8_out else 0)
+        need_acc = acc_slots * d + param_rows * param_slots
         short = [f"scratchpad needs {need_sp} rows, {sp_free} free (short by {need_sp - sp_free})"
                  for _ in [0] if mb_sp < 1]
         short += [f"accumulator needs {need_acc} rows, {config.acc_rows - acc_base} free "
@@ -123,28 +146,34 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
                         + "; ".join(short))
     m_blocks = math.ceil(M / mb_max)
     mb = math.ceil(M / m_blocks)
-    sp_a = tuple(sp_base + s * mb * k_tiles for s in range(2))
-    sp_b = tuple(sp_base + 2 * mb * k_tiles + s * R for s in range(b_slots))
-    out_base = sp_base + 2 * mb * k_tiles + b_slots * R
+    sp_a = tuple(sp_base + s * d * mb * k_tiles for s in range(a_slots))
+    sp_b = tuple(sp_base + a_slots * d * mb * k_tiles + s * R for s in range(b_slots))
+    out_base = sp_base + a_slots * d * mb * k_tiles + b_slots * R
     sp_out = tuple(out_base + s * mb for s in range(out_slots)) if int8_out else ()
-    acc_tile = tuple(acc_base + s * mb for s in range(acc_slots))
-    param_base = acc_base + acc_slots * mb
-    acc_param = tuple(param_base + 2 * s for s in range(param_slots))
+    acc_tile = tuple(acc_base + s * d * mb for s in range(acc_slots))
+    param_base = acc_base + acc_slots * d * mb
+    acc_param = tuple(param_base + param_rows * s for s in range(param_slots))
     return GemmPlan(M, N, K, output, mb, k_tiles, n_tiles, m_blocks, b_slots, acc_slots,
                     out_slots if int8_out else 0, param_slots, sp_a, sp_b, sp_out, acc_tile, acc_param,
                     sp_rows_used=(out_base + (out_slots * mb if int8_out else 0)) - sp_base,
-                    acc_rows_used=param_base + 2 * param_slots - acc_base)
+                    acc_rows_used=param_base + param_rows * param_slots - acc_base, a_digits=a_digits)
 
 
 def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_addr: int, out_addr: int,
                  params_addr: int | None = None, a_stride: int | None = None, b_stride: int | None = None,
-                 out_stride: int | None = None, relu: bool = False, halt: bool = True) -> list[Instruction]:
+                 out_stride: int | None = None, relu: bool = False, halt: bool = True,
+                 a_plane: int | None = None) -> list[Instruction]:
     """Emit the instruction stream for ``plan``.
 
     Device-memory operands (byte addresses, row-major with the given row strides in bytes):
     A int8 ``M x K``, B int8 ``K x N``, output ``M x N`` (int8 or int32). For int8 output,
     ``params_addr`` points at an int32 ``2 x N`` array: row 0 the per-column bias (added to
     the int32 accumulator), row 1 the REQUANT scale words (see :func:`weft.sim.golden.pack_scale_word`).
+
+    Two-digit A (``plan.a_digits``): the ``hi`` plane at ``a_addr``, the ``lo`` plane ``a_plane``
+    bytes after it; both stream through each weight tile (``2 m`` rows per MATMUL), a
+    ``vbin add`` forms ``16 acc_hi + acc_lo`` before REQUANT, and the parameters are ``3 x N``
+    (:func:`digit_gemm_params`, padded to whole tiles).
     """
     R, C = config.array.rows, config.array.cols
     N, K = plan.N, plan.K
@@ -155,6 +184,11 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     out_stride = N * out_elem if out_stride is None else out_stride
     if int8_out and params_addr is None:
         raise GemmError("int8 output needs params_addr (bias and scale words)")
+    digits = plan.a_digits
+    if digits and a_plane is None:
+        raise GemmError("a two-digit A needs a_plane (the offset of its lo plane)")
+    d = 2 if digits else 1
+    prm_rows = 3 if digits else 2
 
     prog: list[Instruction] = []
     consumer = V if int8_out else S  # who empties accumulator tiles
@@ -162,7 +196,7 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     tile = 0
     for i in range(plan.m_blocks):
         m = plan.block_rows(i)
-        a_slot = plan.sp_a[i % 2]
+        a_slot = plan.sp_a[i % len(plan.sp_a)]
         for j in range(plan.n_tiles):
             n = min(C, N - j * C)
             acc = plan.acc_tile[tile % plan.acc_slots]
@@ -172,13 +206,17 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 loads: list[Instruction] = []
                 if int8_out and t == 0:
                     p = plan.acc_param[tile % plan.param_slots]
+                    # digits: whole padded rows, so a partial tile still gets both vbin add words
                     loads.append(Instruction.make(
-                        Opcode.LOAD, mem=Mem.ACC, local=p, dram=params_addr + j * C * 4, rows=2, cols=n,
-                        stride=N * 4, wait=[V] if tile >= plan.param_slots else [], signal=[V]))
+                        Opcode.LOAD, mem=Mem.ACC, local=p, dram=params_addr + j * C * 4, rows=prm_rows,
+                        cols=C if digits else n, stride=(plan.n_tiles * C if digits else N) * 4,
+                        wait=[V] if tile >= plan.param_slots else [], signal=[V]))
                 if j == 0:
-                    loads.append(Instruction.make(
-                        Opcode.LOAD, mem=Mem.SP, local=a_slot + t * plan.mb, dram=a_addr + i * plan.mb * a_stride + t * R,
-                        rows=m, cols=k, stride=a_stride))
+                    for dig in range(d):  # hi rows, then lo rows right after them
+                        loads.append(Instruction.make(
+                            Opcode.LOAD, mem=Mem.SP, local=a_slot + t * d * plan.mb + dig * m,
+                            dram=a_addr + dig * (a_plane or 0) + i * plan.mb * a_stride + t * R, rows=m, cols=k,
+                            stride=a_stride))
                 b_slot = plan.sp_b[step % plan.b_slots]
                 loads.append(Instruction.make(
                     Opcode.LOAD, mem=Mem.SP, local=b_slot, dram=b_addr + t * R * b_stride + j * C,
@@ -195,7 +233,7 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 signal = {L}
                 if t == plan.k_tiles - 1:
                     signal.add(consumer)
-                prog.append(Instruction.make(Opcode.MATMUL, a=a_slot + t * plan.mb, acc=acc, m=m, k=k,
+                prog.append(Instruction.make(Opcode.MATMUL, a=a_slot + t * d * plan.mb, acc=acc, m=d * m, k=k,
                                              accumulate=int(t > 0), signal=signal))
                 step += 1
             # ---- drain the accumulator tile
@@ -203,8 +241,13 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
             if int8_out:
                 out = plan.sp_out[tile % plan.out_slots]
                 wait = {MM, L} | ({S} if tile >= plan.out_slots else set())
-                prog.append(Instruction.make(Opcode.REQUANT, src=acc, dst=out, rows=m,
-                                             param=plan.acc_param[tile % plan.param_slots], relu=int(relu),
+                prm = plan.acc_param[tile % plan.param_slots]
+                if digits:  # acc_hi (first m rows) = 16 acc_hi + acc_lo, in place
+                    prog.append(Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=acc, b_mem=Mem.ACC,
+                                                 b=acc + m, dst_mem=Mem.ACC, dst=acc, param=prm + 2, rows=m,
+                                                 wait=wait))
+                    wait = set()
+                prog.append(Instruction.make(Opcode.REQUANT, src=acc, dst=out, rows=m, param=prm, relu=int(relu),
                                              wait=wait, signal={MM, S, L}))
                 prog.append(Instruction.make(Opcode.STORE, mem=Mem.SP, local=out, dram=out_row, rows=m, cols=n,
                                              stride=out_stride, wait={V}, signal={V}))
@@ -215,6 +258,24 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     if halt:
         prog.append(Instruction.make(Opcode.HALT))
     return prog
+
+
+def digit_gemm_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarray:
+    """``3 x ceil(N / cols) * cols`` int32 parameters of a GEMM with a two-digit A: bias, REQUANT
+    scale words, and the ``vbin add`` words (16, 1) at the start of every ``cols``-wide tile of
+    the third row (zero-padded to whole tiles)."""
+    from .reference import DIGIT_BASE  # the digit convention lives with the integer semantics
+
+    bias = np.asarray(bias, np.int64).ravel()
+    N = bias.size
+    C = config.array.cols
+    out = np.zeros((3, math.ceil(N / C) * C), dtype=np.int32)
+    out[0, :N] = bias
+    out[1, :N] = np.broadcast_to(np.asarray(scale_words, np.int64).ravel(), (N,))
+    out[2, 0::C] = int(pack_scale_word(DIGIT_BASE, 0))
+    if C > 1:
+        out[2, 1::C] = int(pack_scale_word(1, 0))
+    return out
 
 
 # ---------------------------------------------------------------------- GEMV (decode)

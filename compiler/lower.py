@@ -16,6 +16,12 @@ order and emits one *kernel* per node (per head and stage for Attention):
   first widened to int32 (``vbin mul`` by per-channel factors, the factor row repeated down
   the chunk with a stride-0 load); a per-channel GELU output goes through int32 and one
   REQUANT per column slice.
+* decoder ops (SmolLM2): ``RMSNorm``, ``SwiGLU``, ``Rope`` (``vbin rope``; a constant table,
+  or a decode step's table row from the ``rope_table`` input), ``GQAttention`` (keys and values
+  from head-major views or from the KV-cache buffers), ``Pad`` (a prefill's cache outputs) and
+  ``CacheWrite`` (a decode step's append: the cache is a bundle input and output at one address,
+  updated in place; the append STOREs' addresses are patched by the host per step,
+  ``metadata["patch_sites"]``).
 
 Every kernel reads its inputs from and writes its outputs to device memory, uses the
 on-chip memories from row 0, and ends with the token drain (``token`` instructions taking
@@ -41,12 +47,14 @@ from weft.hw.config import AcceleratorConfig
 from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue, format_instruction
 from weft.hw.vector_numerics import param_rows
 
-from .gemm import GemmError, gemm_program, gemv_params, gemv_program, plan_gemm, plan_gemv
+from .gemm import GemmError, digit_gemm_params, gemm_program, gemv_params, gemv_program, plan_gemm, plan_gemv
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
+from .reference import DIGIT_BASE, DIGIT_HI_WORD
 
-__all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name"]
+__all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name", "kv_slot_input_name",
+           "rope_table_input_name"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
 UNIT_WORD = 1  # scale word: multiplier 1, shift 0
@@ -88,14 +96,27 @@ class _Tensor:
     rows: int
     cols: int
     esize: int
+    pitch: int = 0  #: bytes between rows when the rows are wider than ``cols`` (0: dense)
+    plane: int = 0  #: a two-digit tensor: bytes from its hi plane (at ``address``) to its lo plane
 
     @property
     def stride(self) -> int:
-        return self.cols * self.esize
+        return self.pitch or self.cols * self.esize
 
 
 def kv_len_input_name(value: str, count: int) -> str:
     return "valid_len" if count == 1 else f"valid_len_{value}"
+
+
+def kv_slot_input_name(value: str, count: int) -> str:
+    """The bundle input holding a decode step's cache slot, for the host value ``value`` (the
+    write mask of a ``CacheWrite``)."""
+    return "kv_slot" if count == 1 else f"kv_slot_{value}"
+
+
+def rope_table_input_name(cos: str, count: int) -> str:
+    """The bundle input holding a step's RoPE table row, for the host value ``cos`` (with its sin)."""
+    return "rope_table" if count == 1 else f"rope_table_{cos}"
 
 
 def _ld(mem, local, dram, rows, cols, stride, wait=(), signal=()):
@@ -167,6 +188,7 @@ class _Lowerer:
         self.nbuf = 0
         self.gemm_templates: dict[tuple, list[tuple[Instruction, str | None]]] = {}
         self.gemm_drains: dict[tuple, list[Instruction]] = {}
+        self.shared_consts: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ device memory
     def const(self, name: str, data: np.ndarray) -> int:
@@ -225,13 +247,14 @@ class _Lowerer:
 
     # ------------------------------------------------------------------ GEMM
     def gemm(self, node: Node, *, M, N, K, a_addr, a_stride, b_addr, b_stride, out_addr, out_stride,
-             params_addr=None, output="int8", b_transposed=False) -> list[Instruction]:
+             params_addr=None, output="int8", b_transposed=False, a_plane=0) -> list[Instruction]:
         """The GEMM kernel for these operands: a template (generated once per shape and
-        strides, with every operand at address 0) relocated to the operands' addresses."""
-        key = (M, N, K, output, a_stride, b_stride, out_stride, b_transposed)
+        strides, with every operand at address 0) relocated to the operands' addresses.
+        ``a_plane``: A is a two-digit tensor with its lo plane that many bytes after hi."""
+        key = (M, N, K, output, a_stride, b_stride, out_stride, b_transposed, a_plane)
         tpl = self.gemm_templates.get(key)
         if tpl is None:
-            tpl = self._gemm_template(node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed)
+            tpl = self._gemm_template(node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane)
             self.gemm_templates[key] = tpl
             self.gemm_drains[key] = drain_tokens([ins for ins, _ in tpl])
         self.last_drain = self.gemm_drains[key]
@@ -243,9 +266,9 @@ class _Lowerer:
             out.append(ins)
         return out
 
-    def _gemm_template(self, node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed):
+    def _gemm_template(self, node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane=0):
         try:
-            plan = plan_gemm(self.cfg, M, N, K, output=output)
+            plan = plan_gemm(self.cfg, M, N, K, output=output, a_digits=bool(a_plane))
         except GemmError as exc:
             self.fail(node, str(exc))
         if b_transposed and min(N, self.C) > self.R:
@@ -254,7 +277,8 @@ class _Lowerer:
         # B given as its transpose (rows of K): emit with B stride N, then rewrite each B tile
         # load to read the tile's rows of B^T and preload it transposed.
         prog = gemm_program(self.cfg, plan, a_addr=0, b_addr=0, out_addr=0, params_addr=0, a_stride=a_stride,
-                            b_stride=N if b_transposed else b_stride, out_stride=out_stride, halt=False)
+                            b_stride=N if b_transposed else b_stride, out_stride=out_stride, halt=False,
+                            a_plane=a_plane or None)
         slots = set(plan.sp_b)
         R, C = self.R, self.C
         tpl = []
@@ -292,19 +316,29 @@ class _Lowerer:
         wide = p.output == "int32"
         if wide and (node.outputs[0] not in self.graph_outputs or np.any(p.bias)):
             self.fail(node, "an int32 Linear output is only lowered as a graph output without bias (logits)")
+        if p.in_digits != bool(x.plane):
+            self.fail(node, f"input {node.inputs[0]!r} is {'' if x.plane else 'not '}a two-digit tensor, "
+                            "unlike what the quantizer planned")
         if M == 1:
+            if p.in_digits:
+                self.fail(node, "a two-digit input to a one-row Linear (GEMV) is not lowered")
             self.lower_gemv(node, p, x, cols, wide)
             return
         w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols]))
-        params = np.zeros((2, N), dtype=np.int32)
-        params[0] = np.broadcast_to(p.bias, (N,))[cols]
-        params[1] = np.broadcast_to(p.scale_words, (N,))[cols]
+        if p.in_digits:
+            params = digit_gemm_params(self.cfg, np.broadcast_to(p.bias, (N,))[cols],
+                                       np.broadcast_to(p.scale_words, (N,))[cols])
+        else:
+            params = np.zeros((2, N), dtype=np.int32)
+            params[0] = np.broadcast_to(p.bias, (N,))[cols]
+            params[1] = np.broadcast_to(p.scale_words, (N,))[cols]
         p_addr = self.const(f"{node.name}.params", params)
         out = self.out_tensor(node.outputs[0], M, N, 4 if wide else 1)  # a graph output: straight into its region
         body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address, a_stride=x.stride, b_addr=w_addr, b_stride=N,
                          out_addr=out.address, out_stride=out.stride, params_addr=p_addr,
-                         output="int32" if wide else "int8")
-        self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}", self.last_drain)
+                         output="int32" if wide else "int8", a_plane=x.plane)
+        self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}" + (", two-digit input" if x.plane else ""),
+                         self.last_drain)
 
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool) -> None:
         K, N = p.weight.shape
@@ -348,19 +382,23 @@ class _Lowerer:
         scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
         probs = self.scratch(node.name + ".probs", Sq * Skv)
         for h in range(H):
-            self.attention_head(node, h, h, Sq=Sq, Skv=Skv, dk=dh, dv=dv, q=q, k=k, v=v, ctx=ctx, scores=scores,
-                                probs=probs, rec=rec, pv_params=pv_params + h * 2 * dv * 4,
-                                qk_note=f"head {h}", softmax_note=f", keys < {mask}" if mask else "")
+            self.attention_head(node, h, Sq=Sq, Skv=Skv, dk=dh, dv=dv, q_h=(q.address + h * dh, q.stride),
+                                k_g=(k.address + h * dh, k.stride), v_g=(v.address + h * dv, v.stride),
+                                ctx_h=(ctx.address + h * dv, ctx.stride), scores=scores, probs=probs, rec=rec,
+                                pv_params=pv_params + h * 2 * dv * 4, qk_note=f"head {h}",
+                                softmax_note=f", keys < {mask}" if mask else "")
         self.free += [scores, probs]
 
-    def attention_head(self, node: Node, h: int, g: int, *, Sq: int, Skv: int, dk: int, dv: int, q, k, v, ctx,
+    def attention_head(self, node: Node, h: int, *, Sq: int, Skv: int, dk: int, dv: int, q_h, k_g, v_g, ctx_h,
                        scores, probs, rec: int, pv_params: int, qk_note: str, softmax_note: str = "",
                        causal: bool = False) -> None:
         """One head's three kernels: ``q_h k_g^T`` (int32 scores), the softmax into int8
-        probabilities, ``P v_g`` requantized into the head's context columns. ``g`` is the key /
-        value head the query head ``h`` reads (``h`` itself without grouping)."""
-        body = self.gemm(node, M=Sq, N=Skv, K=dk, a_addr=q.address + h * dk, a_stride=q.stride,
-                         b_addr=k.address + g * dk, b_stride=k.stride, out_addr=scores.address,
+        probabilities, ``P v_g`` requantized into the head's context columns. ``q_h``, ``k_g``,
+        ``v_g``, ``ctx_h``: (device address of the head's first element, row stride in bytes) of
+        query head h, of the key / value head g it reads (h itself without grouping) and of its
+        context columns."""
+        body = self.gemm(node, M=Sq, N=Skv, K=dk, a_addr=q_h[0], a_stride=q_h[1],
+                         b_addr=k_g[0], b_stride=k_g[1], out_addr=scores.address,
                          out_stride=Skv * 4, output="int32", b_transposed=True)
         self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"{qk_note}: q k^T {Sq}x{Skv}x{dk} (int32)",
                          self.last_drain)
@@ -368,8 +406,8 @@ class _Lowerer:
                          self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal),
                          f"head {h}: softmax {Sq}x{Skv}{softmax_note}")
         body = self.gemm(node, M=Sq, N=dv, K=Skv, a_addr=probs.address, a_stride=Skv,
-                         b_addr=v.address + g * dv, b_stride=v.stride, out_addr=ctx.address + h * dv,
-                         out_stride=ctx.stride, params_addr=pv_params)
+                         b_addr=v_g[0], b_stride=v_g[1], out_addr=ctx_h[0],
+                         out_stride=ctx_h[1], params_addr=pv_params)
         self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
 
     # ------------------------------------------------------------------ head views (layout ops)
@@ -415,17 +453,9 @@ class _Lowerer:
         _, KV, S_, D = shape
         T = S_ + pads[2][1]
         out = self.tensors[o]
-        rootname = self.alias_of.get(node.inputs[0], node.inputs[0])
-        prod = self.g.producers()
-        src = prod.get(rootname)
-        while src is not None and src.op in ("Reshape", "Transpose"):
-            src = prod.get(src.inputs[0])
-        if src is not None and src.op == "Rope":
-            lin = prod.get(self.alias_of.get(src.inputs[0], src.inputs[0]))
-            while lin is not None and lin.op in ("Reshape", "Transpose"):
-                lin = prod.get(lin.inputs[0])
-            if lin is not None and lin.name in self.column_perm:
-                self.output_column_perm[o] = [int(c) for c in self.column_perm[lin.name][:D]]
+        perm = self.head_column_perm(node.inputs[0], D)
+        if perm is not None:
+            self.output_column_perm[o] = perm
         E = self.E_sp
         nsl = -(-D // E)
         m = self.chunk(node, S_, sp_per_row=nsl, what=f"cache copy of {S_} rows")
@@ -451,25 +481,90 @@ class _Lowerer:
                     c += 1
         self.emit_kernel(node.name, node, body, f"cache output {KV}x{T}x{D} from {S_} rows")
 
+    def head_column_perm(self, value: str, D: int) -> list[int] | None:
+        """The device's column order within a head of ``value`` when it differs from the graph's:
+        a Rope output (or a view of one) whose Linear was written with the interleave permutation
+        folded into its columns (``column_perm``); None when the columns are in graph order."""
+        prod = self.g.producers()
+        src = prod.get(self.alias_of.get(value, value))
+        while src is not None and src.op in ("Reshape", "Transpose"):
+            src = prod.get(src.inputs[0])
+        if src is None or src.op != "Rope":
+            return None
+        lin = prod.get(self.alias_of.get(src.inputs[0], src.inputs[0]))
+        while lin is not None and lin.op in ("Reshape", "Transpose"):
+            lin = prod.get(lin.inputs[0])
+        if lin is None or lin.name not in self.column_perm:
+            return None
+        return [int(c) for c in self.column_perm[lin.name][:D]]
+
+    def lower_cache_write(self, node: Node) -> None:
+        """``CacheWrite(past, new, write)``: the cache is one device buffer, the bundle input
+        ``past`` and the graph output at the same address (set up in :meth:`run`), so only the
+        new ``[KV, D]`` row moves: one LOAD per column slice into the scratchpad (the KV heads of
+        the one-token head-major view, D bytes apart), one strided STORE per slice into row
+        ``slot`` of every head (``dram = cache + slot*D``, row stride ``T*D``). The slot is only
+        known per step and a STORE's ``dram`` is an immediate: the program is written for slot
+        0 and each append STORE is listed in ``patch_sites`` for the host to rewrite."""
+        past, new, write = node.inputs
+        if node.outputs[0] not in self.in_place:
+            self.fail(node, f"the cache {node.outputs[0]!r} must be a graph output (the in-place buffer of the "
+                            f"input {past!r})")
+        cache = self.tensors[node.outputs[0]]
+        _, KV, T, D = self.g.shape(past)
+        x = self.tensor_in(node, new)
+        new_shape = tuple(self.g.shape(new))
+        if self.views.get(new, ("plain",))[0] != "heads" or new_shape != (1, KV, 1, D) or x.rows != 1:
+            self.fail(node, f"the new row {new!r} must be a one-token head-major view [1, {KV}, 1, {D}] "
+                            f"(got {list(new_shape)})")
+        slot_input = self.kv_slot_inputs.get(write)
+        if slot_input is None:
+            self.fail(node, f"the write mask {write!r} must be a host input (the step's slot)")
+        perm = self.head_column_perm(new, D)
+        if perm is not None:  # keys: RoPE pairs interleaved, in the cache as in the prefill's cache outputs
+            self.output_column_perm[node.outputs[0]] = perm
+            self.input_column_perm[past] = perm
+        E = self.E_sp
+        nsl = -(-D // E)
+        if KV * nsl > self.cfg.sp_rows:
+            self.fail(node, f"the new row needs {KV * nsl} scratchpad rows, configuration {self.cfg.name!r} has "
+                            f"{self.cfg.sp_rows}")
+        loads = [_ld(Mem.SP, s * KV, x.address + s * E, KV, min(E, D - s * E), D) for s in range(nsl)]
+        stores = [_st(Mem.SP, s * KV, cache.address + s * E, KV, min(E, D - s * E), T * D) for s in range(nsl)]
+        body = _tokens_first_last(loads, set(), {S}) + _tokens_first_last(stores, {L}, set())
+        first_store = len(self.program) + len(loads)
+        for s_ in range(nsl):
+            self.patch_sites.append({"index": first_store + s_, "input": slot_input, "base": cache.address + s_ * E,
+                                     "step": D, "slots": T, "node": node.name})
+        self.emit_kernel(node.name, node, body, f"cache append {KV}x{D} into row slot of {KV}x{T}x{D} "
+                                                f"(STOREs patched per step)")
+
     def lower_rope(self, node: Node) -> None:
         """``vbin rope`` on the head-major view of a ``[S, H*D]`` tensor whose producing Linear
         wrote each head's columns in interleaved order (``column_perm``): pairs (2i, 2i+1) of the
         device are HF's (i, i + D/2); the table (Q.14 cos/sin per position, tiled over the heads)
-        is a constant."""
+        is a constant (prefill) or, when cos/sin are host values (a decode step's row of the
+        tables), the bundle input the host writes each step (``rope_table_inputs``), tiled over
+        the widest Rope that reads it; a Rope with fewer heads reads its first columns."""
         from .reference import rope_device_table
 
         p = self.qg.ropes[node.name]
         x = self.tensor_in(node, node.inputs[0])
         if self.views.get(node.inputs[0], ("plain",))[0] != "heads":
             self.fail(node, f"input {node.inputs[0]!r} is not a head-major view of a [S, H*D] tensor")
-        cos, sin = (self.g.consts.get(i) for i in node.inputs[1:3])
-        if cos is None or sin is None:
-            self.fail(node, "cos/sin must be constants (prefill); a decode step's table input is not lowered yet")
         _, H, S, D = self.g.shape(node.inputs[0])
-        table = rope_device_table(np.asarray(cos).reshape(-1, D)[-S:], np.asarray(sin).reshape(-1, D)[-S:])
-        tab = np.tile(table, (1, H)).astype(np.int32)  # [S, H*D]
-        t_addr = self.const(f"{node.name}.table", tab)
-        t = _Tensor(t_addr, S, H * D, 4)
+        cos, sin = (self.g.consts.get(i) for i in node.inputs[1:3])
+        if cos is not None and sin is not None:
+            table = rope_device_table(np.asarray(cos).reshape(-1, D)[-S:], np.asarray(sin).reshape(-1, D)[-S:])
+            tab = np.tile(table, (1, H)).astype(np.int32)  # [S, H*D]
+            t = _Tensor(self.const(f"{node.name}.table", tab), S, H * D, 4)
+        else:
+            src = self.rope_inputs.get(tuple(node.inputs[1:3]))
+            if src is None:
+                self.fail(node, "cos and sin must both be constants or both host inputs")
+            if src.rows != S:
+                self.fail(node, f"the table input has {src.rows} rows for {S} positions")
+            t = _Tensor(src.address, S, H * D, 4, pitch=src.stride)
         out = self.new_tensor(node.outputs[0], S, H * D, 1)
         self.views[node.outputs[0]] = ("heads", H, D)
         nsl = -(-(H * D) // self.E_acc)
@@ -490,11 +585,18 @@ class _Lowerer:
         record), ``P v_g`` requantized into the context's column block h*D."""
         p = self.qg.gqas[node.name]
         q, k, v = (self.tensor_in(node, i) for i in node.inputs[:3])
-        for name in node.inputs[:3]:
-            if self.views.get(name, ("plain",))[0] != "heads":
-                self.fail(node, f"input {name!r} is not a head-major view of a [S, H*D] tensor")
+        kinds = [self.views.get(name, ("plain",))[0] for name in node.inputs[:3]]
+        if kinds[0] != "heads" or any(kd not in ("heads", "cache") for kd in kinds[1:]):
+            self.fail(node, f"inputs {node.inputs[:3]} must be head-major views of [S, H*D] tensors "
+                            "(keys and values may also be KV-cache buffers)")
         B, H, Sq, D = self.g.shape(node.inputs[0])
         KV, Skv = self.g.shape(node.inputs[1])[1:3]
+
+        def kv_head(t: _Tensor, kind: str, g: int) -> tuple[int, int]:
+            if kind == "cache":  # [KV, T, D]: head g is T consecutive rows of D bytes
+                return t.address + g * Skv * t.stride, t.stride
+            return t.address + g * D, t.stride  # [S, KV*D]: head g is columns g*D ..
+
         if B != 1:
             self.fail(node, "only batch 1 is supported on the device")
         G = H // KV
@@ -507,11 +609,15 @@ class _Lowerer:
         scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
         probs = self.scratch(node.name + ".probs", Sq * Skv)
         causal = bool(node.attrs.get("causal"))
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        note = " causal" if causal else ""
+        note += f", keys < {mask}" if mask is not None else ""
         for h in range(H):
             g = h // G
-            self.attention_head(node, h, g, Sq=Sq, Skv=Skv, dk=D, dv=D, q=q, k=k, v=v, ctx=ctx, scores=scores,
-                                probs=probs, rec=rec, pv_params=pv_params, qk_note=f"head {h} (kv {g})",
-                                softmax_note=" causal" if causal else "", causal=causal)
+            self.attention_head(node, h, Sq=Sq, Skv=Skv, dk=D, dv=D, q_h=(q.address + h * D, q.stride),
+                                k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
+                                ctx_h=(ctx.address + h * D, ctx.stride), scores=scores, probs=probs, rec=rec,
+                                pv_params=pv_params, qk_note=f"head {h} (kv {g})", softmax_note=note, causal=causal)
         self.free += [scores, probs]
 
     def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False) -> list[Instruction]:
@@ -763,6 +869,18 @@ class _Lowerer:
         M, D = gate.rows, gate.cols
         C = self.E_acc
         nsl = -(-D // C)
+        if p.digits:
+            def produce(m, srcs, tmp, prm):
+                (gm, ga), (um, ua) = srcs
+                return [Instruction.make(Opcode.VMAP, func="silu", src_mem=gm, src=ga, dst_mem=Mem.ACC, dst=tmp,
+                                         param=prm, rows=nsl * m),
+                        Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
+                                         dst_mem=Mem.ACC, dst=tmp, param=prm + 1, rows=nsl * m)]
+
+            self.digit_kernel(node, M, D, [(gate, p.gate, node.inputs[0]), (up, VecIn("int8", p.up_scale), node.inputs[1])],
+                              np.vstack([param_rows([p.silu_in, p.silu_out], C), param_rows([p.mul_word], C)]),
+                              produce, f"swiglu {M}x{D}")
+            return
         out = self.out_tensor(node.outputs[0], M, D, 1)
         per_channel = p.requant_words is not None
         params = [param_rows([p.silu_in, p.silu_out], C), param_rows([p.mul_word], C)]
@@ -798,6 +916,13 @@ class _Lowerer:
         C = self.E_acc
         nsl = -(-D // C)
         o = node.outputs[0]
+        if p.digits:
+            self.digit_kernel(node, M, D, [(x, p.src, node.inputs[0])], param_rows([p.word_in, p.word_out], C),
+                              lambda m, srcs, tmp, prm: [Instruction.make(
+                                  Opcode.VMAP, func="gelu", src_mem=srcs[0][0], src=srcs[0][1], dst_mem=Mem.ACC,
+                                  dst=tmp, param=prm, rows=nsl * m)], f"gelu {M}x{D} from {p.src.kind}",
+                              in_place=p.src.kind in ("int32", "widen"))
+            return
         out = self.out_tensor(o, M, D, 1)
         per_channel = p.requant_words is not None
         params = [param_rows([p.word_in, p.word_out], C)]
@@ -824,6 +949,45 @@ class _Lowerer:
         self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, [(out, "sp")], params,
                            nsl if per_channel and p.src.kind == "int8" else 0,
                            f"gelu {M}x{D} from {p.src.kind}" + (", per-channel requant" if per_channel else ""))
+
+    def digit_kernel(self, node: Node, M: int, D: int, inputs: list, params: np.ndarray, produce: Callable,
+                     detail: str, in_place: bool = False) -> None:
+        """A vector kernel whose int32 result (``produce(m, srcs, x, param_row)`` writes it to the
+        accumulator rows at ``x``, at the output's scale) leaves as a two-digit tensor
+        (``quantize.digit_values``): ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with
+        rows of -16, ``lo = vbin add(x, -16 hi)``; hi and lo stored as two int8 planes.
+        ``in_place``: the first input is in accumulator rows and ``x`` may overwrite it (fewer
+        accumulator rows per token, longer chunks)."""
+        C = self.E_acc
+        nsl = -(-D // C)
+        buf = self.new_tensor(node.outputs[0], 2 * M, D, 1)
+        hi = _Tensor(buf.address, M, D, 1)
+        lo = _Tensor(buf.address + M * D, M, D, 1)
+        self.tensors[node.outputs[0]] = _Tensor(buf.address, M, D, 1, plane=M * D)
+        key = ("digit_neg", M, D)
+        if key not in self.shared_consts:  # the -16 rows, one per row of the output
+            self.shared_consts[key] = self.const(f"digits.neg{DIGIT_BASE}.{M}x{D}",
+                                                 np.full((M, D), -DIGIT_BASE, dtype=np.int8))
+        neg = _Tensor(self.shared_consts[key], M, D, 1)
+        words = [params, param_rows([DIGIT_HI_WORD], C), param_rows([UNIT_WORD, UNIT_WORD], C)]
+
+        def build(m, srcs, outs_, tmp, prm):
+            (hm, ha), (lm, la) = outs_
+            neg_mem, neg_at = srcs[-1]
+            rows = nsl * m
+            if in_place and srcs[0][0] != Mem.ACC:
+                self.fail(node, "in-place digit split needs its input in accumulator rows")
+            x12, prod = (srcs[0][1], tmp) if in_place else (tmp, tmp + rows)
+            return produce(m, srcs[:-1], x12, prm[0]) + [
+                Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=x12, dst_mem=hm, dst=ha,
+                                 param=prm[1], rows=rows),
+                Instruction.make(Opcode.VBIN, func="mul", a_mem=hm, a=ha, b_mem=neg_mem, b=neg_at, dst_mem=Mem.ACC,
+                                 dst=prod, param=prm[2], rows=rows),
+                Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=x12, b_mem=Mem.ACC, b=prod, dst_mem=lm,
+                                 dst=la, param=prm[2], rows=rows)]
+
+        self.vector_kernel(node, M, inputs + [(neg, VecIn("int8", 1.0), f"-{DIGIT_BASE}")], build,
+                           [(hi, "sp"), (lo, "sp")], words, nsl if in_place else 2 * nsl, detail + ", two-digit output")
 
     def lower_add(self, node: Node) -> None:
         p = self.qg.adds[node.name]
@@ -852,6 +1016,9 @@ class _Lowerer:
             self.fail(node, f"input {name!r} is not on the device")
         return t
 
+    def input_spec(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
     def out_tensor(self, name: str, rows: int, cols: int, esize: int) -> _Tensor:
         if name in self.graph_outputs:
             return self.tensors[name]
@@ -866,7 +1033,7 @@ class _Lowerer:
         self.alias_of: dict[str, str] = {}
         handlers = {"Linear": self.lower_linear, "Attention": self.lower_attention,
                     "GQAttention": self.lower_gqa, "Reshape": self.lower_layout, "Transpose": self.lower_layout,
-                    "Rope": self.lower_rope, "Pad": self.lower_pad,
+                    "Rope": self.lower_rope, "Pad": self.lower_pad, "CacheWrite": self.lower_cache_write,
                     "LayerNorm": self.lower_layernorm, "Gelu": self.lower_gelu, "Add": self.lower_add,
                     "RMSNorm": self.lower_rmsnorm, "SwiGLU": self.lower_swiglu}
         if self.E_sp != self.E_acc:
@@ -883,28 +1050,86 @@ class _Lowerer:
             if n.op == "Add" and n.name not in qg.adds:
                 raise LoweringError(f"node {n.name} (op Add): not quantized for the device")
         # ---- inputs (what the host computes) and outputs
-        kv_values = [k for k, (kind, _) in qg.device_inputs.items() if kind == "kv_len"]
+        def values_of(kind: str) -> list[str]:
+            return [k for k, (kd, _) in qg.device_inputs.items() if kd == kind]
+
+        kv_values, slot_values = values_of("kv_len"), values_of("kv_slot")
+        caches = {n.inputs[0]: n for n in device_nodes if n.op == "CacheWrite"}
         self.kv_inputs = {}
+        self.kv_slot_inputs: dict[str, str] = {}  # host value (the write mask) -> bundle input (the slot)
+        self.rope_inputs: dict[tuple[str, str], _Tensor] = {}
+        self.input_column_perm: dict[str, list[int]] = {}
+        self.patch_sites: list[dict] = []
+        host_kinds: dict[str, str] = {}
         for name, (kind, scale) in qg.device_inputs.items():
             if kind == "kv_len":
                 spec_name = kv_len_input_name(name, len(kv_values))
                 addr = self.mem.allocate(spec_name, 4, "input")
                 self.inputs.append(TensorSpec.dense(spec_name, (1,), "int32", addr))
                 self.kv_inputs[name] = addr
+            elif kind == "kv_slot":  # read by the host only: it patches the append STOREs (patch_sites)
+                spec_name = kv_slot_input_name(name, len(slot_values))
+                addr = self.mem.allocate(spec_name, 4, "input")
+                self.inputs.append(TensorSpec.dense(spec_name, (1,), "int32", addr))
+                self.kv_slot_inputs[name] = spec_name
+            elif kind == "rope_table":  # one table input per (cos, sin) pair, below
                 continue
-            M, D = self._rows(g.shape(name))
-            es = 4 if kind == "int32" else 1
-            addr = self.mem.allocate(name, M * D * es, "input")
-            self.inputs.append(TensorSpec.dense(name, (M, D), kind, addr, scale=float(scale)))
-            self.tensors[name] = _Tensor(addr, M, D, es)
+            else:
+                spec_name = name
+                M, D = self._rows(g.shape(name))
+                es = 4 if kind == "int32" else 1
+                # a KV cache is updated in place: the graph output aliases this input (below)
+                addr = self.mem.allocate(name, M * D * es, "inout" if name in caches else "input")
+                self.inputs.append(TensorSpec.dense(name, (M, D), kind, addr, scale=float(scale)))
+                self.tensors[name] = _Tensor(addr, M, D, es)
+            host_kinds[spec_name] = kind
+        rope_tables: dict[tuple[str, str], tuple[int, int, int]] = {}  # (cos, sin) -> rows, head dim, most heads
+        for n in device_nodes:
+            if n.op != "Rope" or all(i in g.consts for i in n.inputs[1:3]):
+                continue
+            if any(qg.device_inputs.get(i, ("",))[0] != "rope_table" for i in n.inputs[1:3]):
+                raise LoweringError(f"node {n.name} (Rope): cos and sin must both be constants or both host inputs")
+            _, H, S_, D = g.shape(n.inputs[0])
+            rows, d, heads = rope_tables.get(tuple(n.inputs[1:3]), (S_, D, H))
+            if (rows, d) != (S_, D):
+                raise LoweringError(f"node {n.name} (Rope): shares its cos/sin with a Rope of another shape")
+            rope_tables[tuple(n.inputs[1:3])] = (S_, D, max(H, heads))
+        rope_table_inputs = {}
+        for (cos, sin), (S_, D, H) in rope_tables.items():
+            spec_name = rope_table_input_name(cos, len(rope_tables))
+            addr = self.mem.allocate(spec_name, S_ * H * D * 4, "input")
+            self.inputs.append(TensorSpec.dense(spec_name, (S_, H * D), "int32", addr))
+            self.rope_inputs[(cos, sin)] = _Tensor(addr, S_, H * D, 4)
+            rope_table_inputs[spec_name] = {"cos": cos, "sin": sin, "head_dim": D}
+            host_kinds[spec_name] = "rope_table"
         self.graph_outputs = set()
         self.output_channel_scales: dict[str, list[float]] = {}
         self.output_column_perm: dict[str, list[int]] = {}
+        self.in_place: dict[str, str] = {}  # graph output -> the bundle input at its address
         for o in g.outputs:
             prod = g.producers().get(o.name)
             if prod is None or prod.device != "device":
                 raise LoweringError(f"graph output {o.name!r} is not computed on the device")
             M, D = self._rows(o.shape)
+            if prod.op == "CacheWrite":  # the cache buffer: the past input's memory, updated in place
+                past = prod.inputs[0]
+                if past not in self.tensors or qg.device_inputs[past][0] != "int8":
+                    raise LoweringError(f"node {prod.name} (CacheWrite): the past cache {past!r} must be an int8 "
+                                        "bundle input (a graph input)")
+                readers = [u.name for u in g.consumers().get(past, []) if u is not prod]
+                if readers:
+                    raise LoweringError(f"node {prod.name} (CacheWrite): the past cache {past!r} is also read by "
+                                        f"{', '.join(readers)}; updated in place, it must be read by the write only")
+                src = self.input_spec(past)
+                if not math.isclose(float(src.scale), float(qg.act_scales[o.name]), rel_tol=1e-12):
+                    raise LoweringError(f"node {prod.name} (CacheWrite): the cache {o.name!r} and the past {past!r} "
+                                        f"have different scales ({qg.act_scales[o.name]} vs {src.scale})")
+                self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int8", src.address, scale=src.scale))
+                self.tensors[o.name] = self.tensors[past]
+                self.views[o.name] = ("cache", int(o.shape[1]), int(o.shape[-1]))
+                self.graph_outputs.add(o.name)
+                self.in_place[o.name] = past
+                continue
             lp = qg.linears.get(prod.name) if prod.op == "Linear" else None
             if lp is not None and lp.output == "int32":  # logits: int32 accumulators, a scale per column
                 addr = self.mem.allocate(o.name, M * D * 4, "output")
@@ -976,9 +1201,17 @@ class _Lowerer:
             _, H, _, D = g.shape(n.inputs[0])
             from .reference import rope_interleave
             self.column_perm[lin.name] = (np.arange(H)[:, None] * D + rope_interleave(D)[None, :]).ravel()
+        def source(x):  # through views, RoPE and the cache append to the projection that made x
+            while True:
+                x = root(x)
+                p = prod.get(x)
+                if p is None or p.device != "device" or p.op not in ("Rope", "CacheWrite"):
+                    return x
+                x = p.inputs[0] if p.op == "Rope" else p.inputs[1]
+
         for i, n in enumerate(attns):
-            first = min(device_nodes.index(prod[root(x)]) for x in n.inputs[:3]
-                        if root(x) in prod and prod[root(x)] in device_nodes)
+            first = min(device_nodes.index(prod[source(x)]) for x in n.inputs[:3]
+                        if source(x) in prod and prod[source(x)] in device_nodes)
             starts[device_nodes[first].name] = f"layer{i}"
         # ---- lifetimes (a view keeps its root's buffer alive)
         last_use = {}
@@ -1009,9 +1242,19 @@ class _Lowerer:
             "kernels": [k.to_json() for k in self.kernels],
             "layers": {k: {"first": a, "count": b - a} for k, (a, b) in layers.items()},
             "instructions": len(self.program),
-            "host_inputs": {s.name: (qg.device_inputs.get(s.name, ("kv_len", None))[0]) for s in self.inputs},
+            "host_inputs": {s.name: host_kinds[s.name] for s in self.inputs},
             "kv_len_inputs": {kv_len_input_name(v, len(kv_values)): v for v in kv_values},
         }
+        if self.kv_slot_inputs:
+            meta["kv_slot_inputs"] = {spec: value for value, spec in self.kv_slot_inputs.items()}
+        if rope_table_inputs:
+            meta["rope_table_inputs"] = rope_table_inputs
+        if self.in_place:
+            meta["in_place"] = self.in_place
+        if self.patch_sites:
+            meta["patch_sites"] = self.patch_sites
+        if self.input_column_perm:
+            meta["input_column_perm"] = self.input_column_perm
         if self.output_channel_scales:
             meta["output_channel_scales"] = self.output_channel_scales
         if self.output_column_perm:

@@ -25,12 +25,13 @@ from .quantize import Calibrator, QuantizedGraph, quantize
 from .reference import float_kernel, key_lengths
 
 __all__ = ["limit_blas_threads", "CompileResult", "quantize_for_device", "compile_onnx", "compile_graph", "host_graph", "host_inputs", "device_outputs",
-           "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA"]
+           "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA", "DEFAULT_DIGITS"]
 
 #: Calibration defaults (see docs/compiler.md for the measurements behind them).
 DEFAULT_METHOD = "max"
-DEFAULT_ALPHA = 0.3  # per-channel smoothing of tensors a Linear reads (folded into its weights)
+DEFAULT_ALPHA = 0.4  # per-channel smoothing of tensors a Linear reads (folded into its weights)
 DEFAULT_VECTOR_ALPHA = 0.6  # per-channel scales of tensors only vector ops read (widened to int32)
+DEFAULT_DIGITS = True  # two-digit (12-bit) FFN down-projection inputs (quantize.digit_values)
 
 
 def limit_blas_threads(threads: int = 1) -> bool:
@@ -70,7 +71,7 @@ class CompileResult:
 
 def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]], *, method: str = DEFAULT_METHOD,
                         alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA,
-                        int32_outputs=(), fixed_scales=None) -> QuantizedGraph:
+                        int32_outputs=(), fixed_scales=None, digits: bool = DEFAULT_DIGITS) -> QuantizedGraph:
     """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
     cal = Calibrator(graph)
     for feeds in batches:
@@ -79,7 +80,7 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
     return quantize(graph, scales, method=method,
                     channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                     vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
-                    amax=cal.amax, int32_outputs=int32_outputs, fixed_scales=fixed_scales)
+                    amax=cal.amax, int32_outputs=int32_outputs, fixed_scales=fixed_scales, digits=digits)
 
 
 def compile_graph(graph: Graph, config: AcceleratorConfig, batches, *, model: str = "",
@@ -125,28 +126,76 @@ def host_graph(graph: Graph) -> Graph:
                  consts={k: v for k, v in graph.consts.items() if k in used}, opset=graph.opset)
 
 
-def host_inputs(graph: Graph, feeds: Mapping[str, np.ndarray], bundle: Bundle) -> dict[str, np.ndarray]:
+def host_inputs(graph: Graph, feeds: Mapping[str, np.ndarray], bundle: Bundle,
+                names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Run the host nodes of ``graph`` (the full graph or :func:`host_graph`) on the model's
-    ``feeds`` and return the bundle's inputs: float tensors (the bundle's input specs
-    quantize them) and the per-sequence valid key count (int32)."""
-    env = {}
-    for v in graph.inputs:
-        if v.name not in feeds:
-            raise KeyError(f"missing model input {v.name!r} (inputs: {[i.name for i in graph.inputs]})")
-        env[v.name] = np.asarray(feeds[v.name]).astype(v.dtype, copy=False)
+    ``feeds`` and return the bundle's inputs (``names``: only these; default every input):
+
+    * tensors as real numbers (float; the bundle's input specs quantize them), in the device's
+      column order (``metadata["input_column_perm"]``: a KV cache's interleaved RoPE pairs);
+    * ``kv_len`` inputs: the valid key count (int32) of an attention mask (an additive bias, or
+      a boolean mask that is True at masked keys);
+    * ``kv_slot`` inputs: the one slot a ``CacheWrite``'s boolean write mask selects (int32);
+    * ``rope_table`` inputs: the Q.14 interleaved cos/sin rows (int32), tiled over the heads.
+
+    Only the model inputs the requested ones depend on are needed (a decode step's per-step
+    inputs come from ``input_ids`` and ``position`` without the cache)."""
+    from .reference import rope_device_table
+
+    meta = bundle.metadata
+    kinds = meta.get("host_inputs", {})
+    kv = meta.get("kv_len_inputs", {})
+    slots = meta.get("kv_slot_inputs", {})
+    tables = meta.get("rope_table_inputs", {})
+    perms = meta.get("input_column_perm", {})
+    specs = bundle.inputs if names is None else [bundle.input(n) for n in names]
+    env = {v.name: np.asarray(feeds[v.name]).astype(v.dtype, copy=False) for v in graph.inputs if v.name in feeds}
     env.update(graph.consts)
     for n in graph.nodes:
-        if n.device != "host":
-            continue
+        if n.device != "host" or any(i is not None and i not in env for i in n.inputs):
+            continue  # needs a model input that was not given (checked below if a bundle input needs it)
         env[n.outputs[0]] = float_kernel(n, [env[i] if i is not None else None for i in n.inputs])
-    kv = bundle.metadata.get("kv_len_inputs", {})
+
+    def value(name: str) -> np.ndarray:
+        if name not in env:
+            given = [v.name for v in graph.inputs if v.name in feeds]
+            raise KeyError(f"host value {name!r} needs model inputs that were not given (given: {given}; "
+                           f"model inputs: {[v.name for v in graph.inputs]})")
+        return env[name]
+
     out = {}
-    for spec in bundle.inputs:
+    for spec in specs:
+        kind = kinds.get(spec.name)
         if spec.name in kv:
-            mask = env[kv[spec.name]]
-            out[spec.name] = key_lengths(mask, 1, np.shape(mask)[-1]).astype(np.int32)[:1]
+            mask = np.asarray(value(kv[spec.name]))
+            if mask.dtype == bool:  # True at masked keys (a decode step's `slots > position`)
+                valid = ~mask.reshape(-1, mask.shape[-1])
+                if not np.all(valid == valid[:1]) or not np.array_equal(
+                        valid[0], np.arange(valid.shape[-1]) < valid[0].sum()):
+                    raise ValueError(f"input {spec.name!r}: the mask {kv[spec.name]!r} is not a key prefix")
+                out[spec.name] = np.array([valid[0].sum()], dtype=np.int32)
+            else:
+                out[spec.name] = key_lengths(mask, 1, np.shape(mask)[-1]).astype(np.int32)[:1]
+        elif spec.name in slots:
+            hits = np.flatnonzero(np.asarray(value(slots[spec.name])).ravel())
+            if hits.size != 1:
+                raise ValueError(f"input {spec.name!r}: the write mask {slots[spec.name]!r} selects "
+                                 f"{hits.size} cache slots, not one")
+            out[spec.name] = hits.astype(np.int32)
+        elif spec.name in tables:
+            t = tables[spec.name]
+            D = int(t["head_dim"])
+            rows = spec.shape[0]
+            cos = np.asarray(value(t["cos"]), dtype=np.float64).reshape(-1, D)[-rows:]
+            sin = np.asarray(value(t["sin"]), dtype=np.float64).reshape(-1, D)[-rows:]
+            out[spec.name] = np.tile(rope_device_table(cos, sin), (1, spec.shape[1] // D)).astype(np.int32)
+        elif kind in ("kv_len", "kv_slot", "rope_table"):
+            raise ValueError(f"input {spec.name!r} of kind {kind} has no description in the bundle metadata")
         else:
-            out[spec.name] = np.asarray(env[spec.name], dtype=np.float64).reshape(spec.shape)
+            x = np.asarray(value(spec.name), dtype=np.float64)
+            if spec.name in perms:
+                x = x[..., np.asarray(perms[spec.name])]
+            out[spec.name] = x.reshape(spec.shape)
     return out
 
 

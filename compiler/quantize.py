@@ -36,7 +36,7 @@ from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params,
                                      pack_scale_word, rmsnorm_params, rope_params, silu_params, softmax_params)
 
 from .ir import Graph, Node
-from .reference import run_float
+from .reference import DIGIT_MAX, run_float
 
 __all__ = ["QuantizeError", "CALIBRATION_METHODS", "LinearParams", "MatMulParams", "AttentionParams",
            "VecIn", "NormParams", "GeluParams", "AddParams", "QuantizedGraph", "Calibrator", "calibrate", "quantize", "quantize_weight", "scale_words"]
@@ -59,6 +59,9 @@ RESIDUAL_WIDE_BITS = 20
 SILU_MID_BITS = 8
 #: Fixed-point fraction bits of the RoPE cos/sin table (vector_numerics.rope_table's default).
 ROPE_FRAC_BITS = 14
+#: Producers that can hand a Linear two-digit input: their int32 result goes through the digit
+#: split (``vmap scale``, ``vbin mul``, ``vbin add``) instead of an int8 requantization.
+DIGIT_PRODUCERS = ("Gelu", "SwiGLU")
 
 
 class QuantizeError(ValueError):
@@ -75,6 +78,7 @@ class LinearParams:
     scale_words: np.ndarray  # int32 [N]
     output: str = "int8"  # "int32": raw accumulators (+ bias) handed to the vector unit
     acc_in_scale: float = 0.0  # input scale folded into the accumulator scale (1.0 if per-channel)
+    in_digits: bool = False  # the input is a two-digit tensor (DIGIT_BASE * hi + lo)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class GeluParams:
     word_out: int
     mid_scale: float | None = None
     requant_words: np.ndarray | None = None
+    digits: bool = False  # int32 straight at ``out_scale``, then the digit split
 
 
 @dataclass
@@ -190,6 +195,7 @@ class SwiGLUParams:
     mul_word: int
     mul_scale: float | None = None
     requant_words: np.ndarray | None = None
+    digits: bool = False  # ``vbin mul`` into int32 at ``out_scale``, then the digit split
 
 
 @dataclass
@@ -212,6 +218,8 @@ class QuantizedGraph:
     ropes: dict[str, RopeParams] = field(default_factory=dict)
     gqas: dict[str, GQAParams] = field(default_factory=dict)
     swiglus: dict[str, SwiGLUParams] = field(default_factory=dict)
+    #: two-digit tensors (``DIGIT_BASE * hi + lo``, one scale per tensor): producer output -> scale
+    digits: dict[str, float] = field(default_factory=dict)
 
 
 def scale_words(real_scale: np.ndarray | float) -> np.ndarray:
@@ -376,6 +384,20 @@ def channel_scaled_values(graph: Graph, wide: set[str]) -> set[str]:
     return out
 
 
+def digit_values(graph: Graph) -> set[str]:
+    """Outputs of :data:`DIGIT_PRODUCERS` read only by Linears (the FFN's down projection input:
+    GELU or SwiGLU): held as two int8 digits, 16x the resolution of int8, at the cost of a
+    second pass of their rows through the consumer's weights. Not for one-row tensors: the
+    one-row GEMV kernel takes int8 input."""
+    cons = graph.consumers()
+    outputs = {o.name for o in graph.outputs}
+    return {n.outputs[0] for n in graph.nodes
+            if n.op in DIGIT_PRODUCERS and n.device == "device" and n.outputs[0] not in outputs
+            and int(np.prod(graph.shape(n.outputs[0])[:-1])) > 1
+            and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
+                                               for u in cons[n.outputs[0]])}
+
+
 def _widen(scale: np.ndarray, twin: bool = False) -> "VecIn":
     """Factors that turn a per-channel int8 tensor into int32 at one fine scale."""
     scale = np.asarray(scale, dtype=np.float64)
@@ -388,7 +410,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
              keep_wide: bool = True, channel_scales: Mapping[str, np.ndarray] | None = None,
              vector_channel_scales: Mapping[str, np.ndarray] | None = None,
              amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
-             fixed_scales: Mapping[str, float] | None = None) -> QuantizedGraph:
+             fixed_scales: Mapping[str, float] | None = None, digits: bool = False) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -399,7 +421,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     vector ops read, and of a LayerNorm output's twin (a second int8 copy with these scales)
     when both Linears and vector ops read it. ``amax`` (largest |x| per tensor; default
     ``127 * act_scales``): sets the int32 scales of host tensors handed to a device LayerNorm
-    and of GELU's int32 intermediate."""
+    and of GELU's int32 intermediate. ``digits``: the tensors of :func:`digit_values` become
+    two-digit tensors at ``amax / DIGIT_MAX`` (per tensor)."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -437,6 +460,11 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if linear_users and vector_users and prod[name].op == "LayerNorm" and vec_scales is not channel_scales \
                     and name in vec_scales:
                 qg.twins[name] = np.asarray(vec_scales[name], dtype=np.float64)
+
+    if digits:
+        for name in digit_values(graph):
+            top = float(amax[name]) if name in amax else float(np.max(scales[name])) * 127.0
+            qg.digits[name] = scales[name] = max(top, 1e-8) / DIGIT_MAX
 
     for n in graph.nodes:  # layout ops move int8 values: their outputs keep the input's scale
         if n.device == "device" and n.op in ("Reshape", "Transpose", "Expand", "Pad") and \
@@ -505,7 +533,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if x in qg.wide:
                 raise QuantizeError(f"{n.name} (Linear): an int32 (wide) input is not supported")
             s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
-            if isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
+            if x in qg.digits:
+                wq, ws = quantize_weight(w)
+                in_sc = s_in
+            elif isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
                 wq, ws = quantize_weight(w.astype(np.float64) * s_in[:, None])
                 in_sc = s_in
                 s_in = 1.0
@@ -524,7 +555,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                                                   acc_in_scale=s_in)
                 continue
             qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, s_out, scale_words(acc_scale / s_out), "int8",
-                                              acc_in_scale=s_in)
+                                              acc_in_scale=s_in, in_digits=x in qg.digits)
         elif n.op == "MatMul":
             sa, sb, so = need(n.inputs[0], n), need(n.inputs[1], n), need(n.outputs[0], n)
             qg.matmuls[n.name] = MatMulParams(sa, sb, so, scale_words(sa * sb / so))
@@ -576,7 +607,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             so = need(n.outputs[0], n)
             mid = gate.scale / (1 << SILU_MID_BITS)
             w_in, w_out = (int(w) for w in silu_params(gate.scale, mid, cols=2)[0])
-            if isinstance(so, np.ndarray):  # per channel: int32 product, then REQUANT per column
+            if n.outputs[0] in qg.digits:  # int32 product at the digit scale, then the split
+                qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out,
+                                                  int(mul_params(mid, su, so, cols=1)[0, 0]), digits=True)
+            elif isinstance(so, np.ndarray):  # per channel: int32 product, then REQUANT per column
                 ms = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
                 qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out,
                                                   int(mul_params(mid, su, ms, cols=1)[0, 0]), ms, scale_words(ms / so))
@@ -585,7 +619,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         elif n.op == "Gelu":
             src = vec_in(n.inputs[0], n)
             so = need(n.outputs[0], n)
-            if isinstance(so, np.ndarray):  # per channel: int32 intermediate, then REQUANT per column
+            if n.outputs[0] in qg.digits:  # int32 at the digit scale, then the split
+                words = gelu_params(src.scale, so, cols=2)[0]
+                qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]), digits=True)
+            elif isinstance(so, np.ndarray):  # per channel: int32 intermediate, then REQUANT per column
                 mid = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
                 words = gelu_params(src.scale, mid, cols=2)[0]
                 qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]), mid_scale=mid,

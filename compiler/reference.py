@@ -26,13 +26,21 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from weft.hw.vector_numerics import (INT8, INT32, layernorm_rows, requantize, rmsnorm_rows, softmax_mask, softmax_rows,
-                                     vec_add, vec_gelu, vec_mul, vec_rope, vec_silu)
+from weft.hw.vector_numerics import (INT8, INT32, layernorm_rows, pack_scale_word, requantize, rmsnorm_rows,
+                                     softmax_mask, softmax_rows, vec_add, vec_gelu, vec_mul, vec_rope, vec_scale,
+                                     vec_silu)
 
 from .ir import Graph, Node
 
 __all__ = ["ExecutionError", "FLOAT_OPS", "INT8_OPS", "QTensor", "AccTensor", "run_float", "run_int8",
-           "register_int8_op", "quantize_tensor", "float_kernel", "key_lengths", "softmax_placeholder"]
+           "register_int8_op", "quantize_tensor", "float_kernel", "key_lengths", "softmax_placeholder",
+           "DIGIT_BASE", "DIGIT_MAX", "digit_split", "digit_gemm"]
+
+#: Two-digit ("12-bit") activations: a tensor x held as two int8 digits, x = DIGIT_BASE * hi + lo,
+#: whose values span [-DIGIT_MAX, DIGIT_MAX] at its scale (16x finer steps than int8). The GEMM
+#: runs hi and lo through the same weights and adds ``DIGIT_BASE * acc_hi + acc_lo`` (``vbin add``).
+DIGIT_BASE = 16
+DIGIT_MAX = 2047
 
 
 class ExecutionError(RuntimeError):
@@ -262,6 +270,7 @@ class QTensor:
     q: np.ndarray
     scale: float | np.ndarray  # per tensor, or per channel (last axis)
     twin: "QTensor | None" = None  # per-tensor copy of a per-channel tensor (LayerNorm output read by an Add)
+    digits: "tuple[np.ndarray, np.ndarray] | None" = None  # a two-digit tensor's int8 (hi, lo); q = 16 hi + lo
 
     def dequant(self) -> np.ndarray:
         return (self.q.astype(np.float64) * self.scale).astype(np.float32)
@@ -320,13 +329,38 @@ def register_int8_op(op: str):
     return deco
 
 
+def digit_split(x: np.ndarray, scale: float) -> QTensor:
+    """Int32 values at ``scale`` as a two-digit tensor, the way the vector unit splits them:
+    ``hi = vmap scale(x, 1/16)`` (round half to even, int8), ``-16 hi`` by ``vbin mul`` with a
+    row of -16, ``lo = vbin add(x, -16 hi)`` (int8). ``16 hi + lo == x`` for |x| <= 2047 + 8;
+    beyond, both digits saturate."""
+    x = np.asarray(x, dtype=np.int64)
+    hi = vec_scale(x, DIGIT_HI_WORD, INT8)
+    lo = vec_add(x, vec_mul(hi, np.int64(-DIGIT_BASE), _UNIT_WORD, INT32), _UNIT_WORD, _UNIT_WORD, INT8)
+    return QTensor((DIGIT_BASE * hi + lo).astype(np.int32), float(scale), digits=(hi.astype(np.int8), lo.astype(np.int8)))
+
+
+def digit_gemm(digits: tuple[np.ndarray, np.ndarray], w: np.ndarray) -> np.ndarray:
+    """The GEMM of a two-digit input: both digits through the same weights, then
+    ``vbin add`` ``16 acc_hi + acc_lo`` (int32, saturating)."""
+    hi, lo = digits
+    return vec_add(_int_gemm(hi, w), _int_gemm(lo, w), DIGIT_BASE_WORD, _UNIT_WORD, INT32).astype(np.int32)
+
+
 @register_int8_op("Linear")
 def _int8_linear(qg, node: Node, x, w=None, b=None):
     p = qg.linears[node.name]
-    xq = _as_q(x, p.in_scale)
-    if not np.allclose(xq.scale, p.in_scale, rtol=1e-12, atol=0):
-        raise ExecutionError(f"{node.name}: input scale differs from the planned one")
-    acc = _int_gemm(xq.q, p.weight)  # [..., K] @ [K, N] -> int32
+    if p.in_digits:
+        if not (isinstance(x, QTensor) and x.digits is not None):
+            x = digit_split(np.rint(np.asarray(_as_float(x), np.float64) / p.in_scale), p.in_scale)
+        if not np.isclose(x.scale, p.in_scale, rtol=1e-12, atol=0):
+            raise ExecutionError(f"{node.name}: input scale differs from the planned one")
+        acc = digit_gemm(x.digits, p.weight)
+    else:
+        xq = _as_q(x, p.in_scale)
+        if not np.allclose(xq.scale, p.in_scale, rtol=1e-12, atol=0):
+            raise ExecutionError(f"{node.name}: input scale differs from the planned one")
+        acc = _int_gemm(xq.q, p.weight)  # [..., K] @ [K, N] -> int32
     if p.output == "int32":  # epilogue on the vector unit: accumulator + bias, no requant
         total = acc.astype(np.int64) + p.bias
         return AccTensor(total.astype(np.int32), p.acc_in_scale * p.w_scale.astype(np.float64))
@@ -416,6 +450,8 @@ def vector_input(x, src) -> np.ndarray:
 
 
 _UNIT_WORD = 1  # scale word with multiplier 1, shift 0: y = a * b exactly
+DIGIT_BASE_WORD = int(pack_scale_word(DIGIT_BASE, 0))  # y = 16 a
+DIGIT_HI_WORD = int(pack_scale_word(1, 4))  # y = rhe(a / 16)
 
 
 def _layernorm_int(p, x: np.ndarray) -> np.ndarray:
@@ -440,6 +476,8 @@ def _int8_gelu(qg, node: Node, x):
     """``vmap gelu`` (coefficient-ROM Phi) -> int8, or -> int32 then REQUANT per channel."""
     p = qg.gelus[node.name]
     xi = vector_input(x, p.src)
+    if p.digits:
+        return digit_split(vec_gelu(xi, p.word_in, p.word_out, INT32), p.out_scale)
     if p.requant_words is None:
         return QTensor(vec_gelu(xi, p.word_in, p.word_out, INT8).astype(np.int8), p.out_scale)
     mid = vec_gelu(xi, p.word_in, p.word_out, INT32)
@@ -539,6 +577,8 @@ def _int8_swiglu(qg, node: Node, gate, up):
     g = vector_input(gate, p.gate)
     uq = _as_q(up, p.up_scale).q.astype(np.int64)
     mid = vec_silu(g, p.silu_in, p.silu_out, INT32)
+    if p.digits:
+        return digit_split(vec_mul(mid, uq, p.mul_word, INT32), p.out_scale)
     if p.requant_words is None:
         return QTensor(vec_mul(mid, uq, p.mul_word, INT8).astype(np.int8), p.out_scale)
     prod = vec_mul(mid, uq, p.mul_word, INT32)

@@ -2,9 +2,9 @@
 
 :func:`program_case` turns a bundle and its inputs into a case for the bench
 (:mod:`weft.sim.core_bench`): the device-memory image before the run and, from the
-bit-exact model, the bytes every output region must hold after it. :func:`run_cases`
-builds the core (cached), runs the cases in one simulator session and returns each
-case's performance counters and the wall time.
+bit-exact model, the bytes every output (and in-place input) region must hold after it.
+:func:`run_cases` builds the core (cached), runs the cases in one simulator session and
+returns each case's performance counters and the wall time.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def program_case(name: str, bundle: Bundle, inputs: Mapping[str, np.ndarray], co
         spec.write_to(machine.memory, np.asarray(inputs[spec.name]).astype(spec.np_dtype))
     image = machine.memory.tobytes()
     machine.run(machine.fetch_program(bundle.program_address, len(bundle.program)))
-    expect = [(r.address, machine.read(r.address, r.size).hex()) for r in bundle.regions if r.kind == "output"]
+    # outputs, and inputs the program updates in place (a KV cache)
+    expect = [(r.address, machine.read(r.address, r.size).hex()) for r in bundle.regions
+              if r.kind in ("output", "inout")]
     return {"name": name, "image": [(0, image.hex())], "program_addr": bundle.program_address,
             "program_count": len(bundle.program), "expect": expect, **extra}
 

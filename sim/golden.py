@@ -153,6 +153,22 @@ class GoldenMachine:
         self._trackers = {Mem.SP: _RowTracker("scratchpad", config.sp_rows),
                           Mem.ACC: _RowTracker("accumulator", config.acc_rows)}
 
+    @classmethod
+    def for_bundle(cls, bundle: Bundle, config: AcceleratorConfig) -> "GoldenMachine":
+        """A machine for ``config`` with the device memory ``bundle`` needs (refuses a bundle
+        for another configuration or one larger than the configuration's memory)."""
+        bundle.check_config(config)
+        return cls(config, memory_bytes=_memory_size(bundle, config))
+
+    def load_bundle(self, bundle: Bundle) -> list[Instruction]:
+        """Write ``bundle``'s constant segments and program into device memory and return the
+        program as the fetch unit decodes it from there."""
+        bundle.check_config(self.config)
+        for segment in bundle.segments:
+            self.write(segment.address, segment.data)
+        self.write(bundle.program_address, bundle.program_bytes)
+        return self.fetch_program(bundle.program_address, len(bundle.program))
+
     # ------------------------------------------------------------------ host access
     def write(self, address: int, data: bytes | np.ndarray) -> None:
         raw = np.frombuffer(bytes(data), dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
@@ -184,6 +200,12 @@ class GoldenMachine:
         clocks = np.zeros((NUM_QUEUES, NUM_QUEUES), dtype=np.int64)
         token_clocks = [[deque() for _ in range(NUM_QUEUES)] for _ in range(NUM_QUEUES)]
         seq = [0] * NUM_QUEUES
+        # An earlier run on this machine (a bundle kept loaded, e.g. a decode step per token) has
+        # halted, so all of its accesses are ordered before this run's: forget their sequence
+        # numbers (the clocks restart at zero) but keep which rows hold data.
+        for tracker in self._trackers.values():
+            tracker.writer_seq[:] = 0
+            tracker.reader_seq[:] = 0
         self._stores: list[_StoreRecord] = []
         self._loads: list[_StoreRecord] = []
         pc, halted, executed = 0, False, 0
@@ -601,10 +623,12 @@ def run_bundle(bundle: Bundle, inputs: Mapping[str, np.ndarray], config: Acceler
     """Load a bundle and its inputs into a fresh machine, run it, and read the outputs.
 
     Integer inputs must already have the tensor's dtype; float inputs are quantized
-    with the tensor's scale. Returns (outputs as stored integers, statistics).
+    with the tensor's scale. Returns (outputs as stored integers, statistics). An output
+    that shares its address with an input (``metadata["in_place"]``, a KV cache) reads back
+    the input's memory as the program left it.
     """
     bundle.check_config(config)
-    machine = machine or GoldenMachine(config, memory_bytes=_memory_size(bundle, config))
+    machine = machine or GoldenMachine.for_bundle(bundle, config)
     missing = [t.name for t in bundle.inputs if t.name not in inputs]
     if missing:
         raise BundleError(f"missing inputs: {', '.join(missing)} (bundle inputs: "
@@ -613,12 +637,9 @@ def run_bundle(bundle: Bundle, inputs: Mapping[str, np.ndarray], config: Acceler
     if extra:
         raise BundleError(f"unknown inputs: {', '.join(extra)} (bundle inputs: "
                           f"{', '.join(t.name for t in bundle.inputs)})")
-    for segment in bundle.segments:
-        machine.write(segment.address, segment.data)
-    machine.write(bundle.program_address, bundle.program_bytes)
+    program = machine.load_bundle(bundle)
     for spec in bundle.inputs:
         spec.write_to(machine.memory, spec.stored(inputs[spec.name]))
-    program = machine.fetch_program(bundle.program_address, len(bundle.program))
     stats = machine.run(program)
     outputs = {spec.name: spec.read_from(machine.memory) for spec in bundle.outputs}
     return outputs, stats

@@ -125,13 +125,19 @@ def _embed(qg, items):
     return np.array(out)
 
 
-def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo",
-                    choices=(("max", 0.3), ("mse", 0.3), ("percentile", 0.3), ("max", 0.0)),
-                    sentences=None, verbose: bool = True) -> dict:
-    """Cosine similarity of int8-emulated vs float PyTorch sentence embeddings, per calibration
-    choice ``(method, per-channel alpha)`` (alpha 0: per-tensor activations only)."""
+def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=None, sentences=None,
+                    verbose: bool = True) -> dict:
+    """Cosine similarity of the int8 emulation (``run_int8``, the bundle's integers) vs float
+    PyTorch sentence embeddings, per calibration choice ``(method, alpha, vector_alpha, digits)``
+    quantized as :func:`weft.compiler.pipeline.quantize_for_device` does (alpha 0: per-tensor
+    activations; digits: two-digit FFN down-projection input). Default: the compiler's defaults,
+    then the same with an int8 FFN input."""
+    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_METHOD, DEFAULT_VECTOR_ALPHA
     from weft.sw.models.minilm import MiniLM
 
+    if choices is None:
+        choices = [(DEFAULT_METHOD, DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, DEFAULT_DIGITS),
+                   (DEFAULT_METHOD, DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, not DEFAULT_DIGITS)]
     model = MiniLM.from_pretrained()
     graph = import_onnx(model.export_onnx(seq_len=seq_len, exporter=exporter))
     sentences = list(sentences or EVAL_SENTENCES)
@@ -146,10 +152,12 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo",
     rank_items = _feeds(model, rank_sents, seq_len)
     rank_ref = model.encode(rank_sents, max_length=seq_len).astype(np.float64)
     results = {"sentences": len(sentences), "token_lengths": (min(lengths), max(lengths)), "choices": {}}
-    for method, alpha in choices:
+    for method, alpha, valpha, digits in choices:
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
-        qg = quantize(graph, scales, method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None)
+        qg = quantize(graph, scales, method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
+                      vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
+                      digits=digits)
         emb = _embed(qg, items)
         cos = np.sum(emb * ref, axis=1)
         remb = _embed(qg, rank_items)
@@ -163,9 +171,10 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo",
             i += 1 + n
         r = {"min": float(cos.min()), "mean": float(cos.mean()), "below_0.99": int(np.sum(cos < 0.99)),
              "ranking_preserved": f"{sum(ranks_ok)}/{len(ranks_ok)}", "seconds": round(time.time() - t, 1)}
-        results["choices"][f"{method}, alpha={alpha}"] = r
+        label = f"{method}, alpha={alpha}/{valpha}, {'two-digit' if digits else 'int8'} FFN input"
+        results["choices"][label] = r
         if verbose:
-            print(f"{method:10s} alpha={alpha}: min {r['min']:.4f} mean {r['mean']:.4f} "
+            print(f"{label}: min {r['min']:.4f} mean {r['mean']:.4f} "
                   f"(<0.99: {r['below_0.99']}), ranking {r['ranking_preserved']}  [{r['seconds']} s]", flush=True)
     results["calibration_seconds"] = round(time.time() - t0, 1)
     return results

@@ -96,14 +96,15 @@ def minilm_bundle(config: AcceleratorConfig, seq_len: int, show=lambda name, sec
 
     from weft.compiler.frontend import import_onnx
     from weft.compiler.lower import lower
-    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, host_graph, quantize_for_device
+    from weft.compiler.pipeline import (DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_VECTOR_ALPHA, host_graph,
+                                        quantize_for_device)
     from weft.sw.accuracy import CALIBRATION_SENTENCES
     from weft.sw.models.minilm import MiniLM
 
     model = MiniLM.from_pretrained(max_length=seq_len)
     folder = Path(__file__).resolve().parents[1] / ".cache" / "bundles"
     key = (f"all-MiniLM-L6-v2-s{seq_len}-{config.name}-{config.hash[:16]}"
-           f"-a{DEFAULT_ALPHA:g}-{DEFAULT_VECTOR_ALPHA:g}-{_source_digest()}")
+           f"-a{DEFAULT_ALPHA:g}-{DEFAULT_VECTOR_ALPHA:g}{'-d' if DEFAULT_DIGITS else ''}-{_source_digest()}")
     path, obj_path = folder / f"{key}.weft", folder / f"{key}.pkl"
     if obj_path.is_file():
         t = time.perf_counter()

@@ -749,7 +749,7 @@ def _calibration(args, graph) -> tuple[list[dict], str]:
 def cmd_compile(args) -> int:
     from weft.compiler.frontend import FrontendError, import_onnx
     from weft.compiler.lower import LoweringError, listing, lower
-    from weft.compiler.pipeline import limit_blas_threads, quantize_for_device
+    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, limit_blas_threads, quantize_for_device
     from weft.compiler.quantize import QuantizeError
 
     config = _load_config(args.config)
@@ -770,9 +770,13 @@ def cmd_compile(args) -> int:
         show("import ONNX", time.perf_counter() - t, f"{len(graph.nodes)} IR nodes, ops {graph.op_counts()}")
         batches, note = _calibration(args, graph)
         t = time.perf_counter()
-        qg = quantize_for_device(graph, batches, method=args.method, alpha=args.alpha, vector_alpha=args.vector_alpha)
+        args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        args.vector_alpha = DEFAULT_VECTOR_ALPHA if args.vector_alpha is None else args.vector_alpha
+        qg = quantize_for_device(graph, batches, method=args.method, alpha=args.alpha, vector_alpha=args.vector_alpha,
+                                 digits=args.digits)
         show("calibrate + quantize", time.perf_counter() - t,
-             f"{note}, method {args.method}, alpha {args.alpha}/{args.vector_alpha}")
+             f"{note}, method {args.method}, alpha {args.alpha}/{args.vector_alpha}"
+             f"{'' if args.digits else ', int8 FFN input'}")
         t = time.perf_counter()
         seq = next((v.shape[-1] for v in graph.inputs), None)
         bundle = lower(qg, config, model=model.stem, metadata={"seq_len": seq, "source": str(model)})
@@ -842,17 +846,22 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     try:
         program = None
+        config = _load_config(args.config) if args.device == "golden" else None  # fails before the compilation
         if args.device != "float":
-            if args.device == "golden":  # fail before the minutes of compilation
-                list(generate(model, tok, prompt, 0, device="golden"))
             t = time.perf_counter()
             program = DecoderProgram.build(model, tok, prompt_len=args.prompt_len, max_context=args.context)
             show("compile", time.perf_counter() - t, f"prefill {args.prompt_len} tokens + decode step, "
                  f"{args.context}-slot KV cache, int8")
+        if config is not None:
+            t = time.perf_counter()
+            prefill_bundle, decode_bundle = program.bundles(config)
+            show("lower", time.perf_counter() - t, f"{config.name}: prefill {len(prefill_bundle.program)} "
+                 f"instructions, decode step {len(decode_bundle.program)}")
         t = time.perf_counter()
         n = 0
         for piece in generate(model, tok, prompt, args.max_new_tokens, device=args.device, program=program,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              config=config or "default"):
             sys.stdout.write(piece.text)
             sys.stdout.flush()
             n += 1
@@ -957,10 +966,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibrate on the first N built-in sentences (default: all 8)")
     comp.add_argument("--seq-len", type=int, help="sequence length for a model with dynamic input shapes")
     comp.add_argument("--method", choices=["max", "percentile", "mse"], default="max", help="calibration method")
-    comp.add_argument("--alpha", type=float, default=0.3,
-                      help="per-channel smoothing of tensors Linears read (0: per-tensor activations; default 0.3)")
-    comp.add_argument("--vector-alpha", type=float, default=0.6,
-                      help="per-channel smoothing of tensors only vector ops read (default 0.6)")
+    comp.add_argument("--alpha", type=float,
+                      help="per-channel smoothing of tensors Linears read (0: per-tensor activations; default: "
+                           "weft.compiler.pipeline.DEFAULT_ALPHA, 0.4)")
+    comp.add_argument("--vector-alpha", type=float,
+                      help="per-channel smoothing of tensors only vector ops read (default: DEFAULT_VECTOR_ALPHA, 0.6)")
+    comp.add_argument("--int8-ffn", dest="digits", action="store_false",
+                      help="hand the FFN down projection int8 (default: two int8 digits, 12-bit, at the cost of a "
+                           "second pass through its weights)")
     comp.add_argument("--listing", action="store_true", help="also write OUTPUT.lst, a per-layer program listing")
     comp.set_defaults(func=cmd_compile)
 
@@ -976,8 +989,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen_ = sub.add_parser("generate", help="chat with SmolLM2-135M-Instruct compiled for the accelerator")
     gen_.add_argument("prompt")
     gen_.add_argument("--device", choices=["int8", "golden", "float"], default="int8",
-                      help="int8: the compiled graphs' integer semantics (run_int8); golden: the bundles on the "
-                           "bit-exact model (needs the decoder lowering); float: PyTorch")
+                      help="int8: the compiled graphs' integer semantics (run_int8); golden: the prefill and "
+                           "decode-step bundles on the bit-exact model (the same integers); float: PyTorch")
+    gen_.add_argument("--config", default="default",
+                      help="accelerator configuration the bundles are compiled for (--device golden; default: default)")
     gen_.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
     gen_.add_argument("--max-new-tokens", type=int, default=48)
     gen_.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")

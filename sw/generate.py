@@ -11,15 +11,21 @@ Backends (``device``):
   **decode-step** graph with the KV cache as explicit int8 inputs/outputs of ``max_context`` slots.
   One decode graph serves every step: the host passes the step's position, from which the device
   inputs are derived (the cache slot to write, ``kv_len = position + 1`` for the softmax masks,
-  the RoPE table row). Prompts longer than the bucket continue through decode steps.
-* ``"golden"``: the bundles on the bit-exact model. Not available yet: the prefill graph lowers
-  (bit-exact with ``run_int8``), the decode-step graph does not (its KV-cache append,
-  ``CacheWrite``, and the per-step device inputs have no lowering); asking for it raises
-  :class:`GenerateError` saying so.
+  the RoPE table row). Prompts longer than the bucket continue through decode steps. Both graphs
+  give int32 logits (the lm_head's accumulators, a scale per column).
+* ``"golden"``: both graphs lowered to bundles (:meth:`DecoderProgram.bundles`, for
+  ``config``, default ``"default"``) on the bit-exact model, bit-exact with ``"int8"``: the
+  prefill bundle through ``run_bundle``; the decode-step bundle loaded once into a
+  :class:`weft.sw.decode_session.DecodeSession`, which keeps the KV cache in device memory (each
+  cache an input and an output at one address, updated in place), writes the step's small
+  inputs (embedding, ``kv_len``, RoPE row), patches the cache-append stores for the slot and
+  reads the int32 logits (:class:`BundleBackend`).
 
 The prefill and decode graphs share the cache's int8 scales (the decode graph is quantized with
 the prefill's ``present_key.i`` / ``present_value.i`` scales fixed), so the prefill's cache
-integers are the decode step's input integers unchanged.
+integers are the decode step's input integers unchanged; on the device the prefill bundle's
+cache outputs (key columns in the interleaved RoPE order of both bundles) are copied unchanged
+into the decode bundle's cache.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["GenerateError", "DecoderProgram", "generate", "DEVICES", "DECODER_ALPHA", "DECODER_VECTOR_ALPHA"]
+__all__ = ["GenerateError", "DecoderProgram", "BundleBackend", "generate", "DEVICES", "DECODER_ALPHA",
+           "DECODER_VECTOR_ALPHA"]
 
 DEVICES = ("float", "int8", "golden")
 #: Calibration defaults for decoders (docs/compiler.md, "Accuracy": measured better than the
@@ -52,7 +59,8 @@ def _prompt_ids(tok, prompt) -> list[int]:
 
 @dataclass
 class DecoderProgram:
-    """A decoder LM compiled to a prefill graph and a decode-step graph (int8, ``run_int8``)."""
+    """A decoder LM compiled to a prefill graph and a decode-step graph (int8: :meth:`prefill` and
+    :meth:`step` run them with ``run_int8``; :meth:`bundles` lowers both for an accelerator)."""
 
     model: object
     prefill_qg: object
@@ -61,6 +69,7 @@ class DecoderProgram:
     max_context: int
     pad_id: int
     timings: dict = field(default_factory=dict)
+    _bundles: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model, tok=None, *, prompt_len: int = 64, max_context: int = 256, calibration=None,
@@ -163,16 +172,119 @@ class DecoderProgram:
         feeds = {"input_ids": np.array([[int(token)]], dtype=np.int64), "position": np.array([position], dtype=np.int64)}
         feeds.update(zip(ins[2:], cache))
         out = run_int8(self.decode_qg, feeds)
-        return out["logits"][0], [out[k] for k in outs[1:]]
+        return out["logits"][0, -1], [out[k] for k in outs[1:]]
+
+    # ------------------------------------------------------------------ bundles
+    def bundles(self, config) -> tuple[object, object]:
+        """The prefill and decode-step bundles for ``config`` (an ``AcceleratorConfig`` or its
+        name), lowered once per configuration (``timings``: "lower prefill", "lower decode")."""
+        import time
+
+        from weft.compiler.lower import LoweringError, lower
+
+        cfg = _accelerator_config(config)
+        if cfg.name not in self._bundles:
+            out = []
+            for what, qg in (("prefill", self.prefill_qg), ("decode", self.decode_qg)):
+                t = time.perf_counter()
+                try:
+                    out.append(lower(qg, cfg, model=f"smollm2-{what}"))
+                except LoweringError as exc:
+                    raise GenerateError(f"the {what} graph does not lower for configuration {cfg.name!r}: {exc}") \
+                        from None
+                self.timings[f"lower {what}"] = time.perf_counter() - t
+            self._bundles[cfg.name] = tuple(out)
+        return self._bundles[cfg.name]
+
+
+def _accelerator_config(config):
+    from weft.hw.config import AcceleratorConfig, ConfigError, load_config
+
+    if isinstance(config, AcceleratorConfig):
+        return config
+    try:
+        return load_config(config)
+    except (ConfigError, OSError) as exc:
+        raise GenerateError(f"accelerator configuration {config!r}: {exc}") from None
+
+
+class _Int8Backend:
+    """The graphs through ``run_int8``; the cache is host arrays (dequantized int8)."""
+
+    def __init__(self, prog: DecoderProgram):
+        self.prog = prog
+        self.cache: list[np.ndarray] = []
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        logits, self.cache = self.prog.prefill(ids)
+        return logits
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        logits, self.cache = self.prog.step(token, position, self.cache)
+        return logits
+
+
+class BundleBackend:
+    """A :class:`DecoderProgram`'s bundles on the bit-exact model: the prefill bundle through
+    ``run_bundle``, its cache outputs copied (stored integers, unchanged) into a
+    :class:`~weft.sw.decode_session.DecodeSession` of the decode-step bundle, then one session
+    step per token. Logits are real numbers (the int32 accumulators times their column scales),
+    as ``run_int8``'s."""
+
+    def __init__(self, prog: DecoderProgram, config="default"):
+        from weft.sw.decode_session import DecodeSession
+        from weft.sw.models import smollm2 as S
+
+        self.prog = prog
+        self.config = _accelerator_config(config)
+        self.prefill_bundle, self.decode_bundle = prog.bundles(self.config)
+        self.session = DecodeSession.on_golden(self.decode_bundle, prog.decode_qg.graph, self.config)
+        # prefill cache output -> decode cache input: the same scale and column order, or the copy is wrong
+        pre, dec = self.prefill_bundle.metadata, self.decode_bundle.metadata
+        self.cache_names = list(zip(S.prefill_io_names(prog.model.cfg)[1][1:], S.decode_io_names(prog.model.cfg)[0][2:]))
+        for out, inp in self.cache_names:
+            a, b = self.prefill_bundle.output(out), self.decode_bundle.input(inp)
+            if a.scale != b.scale or pre.get("output_column_perm", {}).get(out) != dec.get("input_column_perm", {}).get(inp):
+                raise GenerateError(f"the prefill's {out!r} and the decode step's {inp!r} differ in scale or column "
+                                    "order: the prefill's cache cannot be copied into the decode step")
+
+    @staticmethod
+    def _real_logits(bundle, raw: np.ndarray) -> np.ndarray:
+        chan = np.asarray(bundle.metadata["output_channel_scales"]["logits"], dtype=np.float64)
+        return (raw.astype(np.float64) * chan).astype(np.float32)
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        from weft.compiler.pipeline import host_inputs
+        from weft.sim.golden import run_bundle
+
+        prog, n = self.prog, len(ids)
+        if not 0 < n <= prog.prompt_len:
+            raise GenerateError(f"prefill takes 1..{prog.prompt_len} tokens, got {n}")
+        feed = np.full((1, prog.prompt_len), prog.pad_id, dtype=np.int64)
+        feed[0, :n] = ids
+        outputs, _ = run_bundle(self.prefill_bundle, host_inputs(prog.prefill_qg.graph, {"input_ids": feed},
+                                                                 self.prefill_bundle), self.config)
+        self.session.load_cache({inp: outputs[out] for out, inp in self.cache_names})
+        return self._real_logits(self.prefill_bundle, outputs["logits"])[0, n - 1]
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        if not 0 <= position < self.prog.max_context:
+            raise GenerateError(f"position {position} is outside the cache of {self.prog.max_context} slots")
+        out = self.session.step({"input_ids": np.array([[int(token)]], dtype=np.int64),
+                                 "position": np.array([position], dtype=np.int64)})
+        return self._real_logits(self.decode_bundle, out["logits"])[0, -1]
 
 
 def generate(model, tok, prompt, max_new_tokens: int = 64, *, device: str = "int8",
              program: DecoderProgram | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop_ids: Sequence[int] | None = None, **build) -> Iterator:
+             seed: int | None = None, stop_ids: Sequence[int] | None = None, config="default",
+             **build) -> Iterator:
     """Stream :class:`weft.sw.models.smollm2.GeneratedToken` s for ``prompt`` (text, chat messages
     or token ids) on ``device`` (see the module docstring). ``program``: a prebuilt
-    :class:`DecoderProgram` (otherwise built with ``build`` options). Greedy at temperature 0;
-    otherwise seeded temperature / top-p sampling (the same sampler as the float model's)."""
+    :class:`DecoderProgram` (otherwise built with ``build`` options). ``config``: the accelerator
+    configuration (or its name) the bundles are compiled for (``device="golden"``). Greedy at
+    temperature 0; otherwise seeded temperature / top-p sampling (the same sampler as the float
+    model's)."""
     import torch
 
     from weft.sw.models import smollm2 as S
@@ -183,10 +295,6 @@ def generate(model, tok, prompt, max_new_tokens: int = 64, *, device: str = "int
         yield from S.generate(model, tok, prompt, max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, stop_ids=stop_ids)
         return
-    if device == "golden":
-        raise GenerateError("device 'golden' needs the decode-step program (the KV-cache append, CacheWrite, "
-                            "and the per-step kv_len / RoPE inputs) lowered, which weft.compiler.lower does not do "
-                            "yet (the prefill lowers); use device 'int8' (the integers the bundles must reproduce)")
     if max_new_tokens < 0:
         raise GenerateError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
@@ -196,16 +304,19 @@ def generate(model, tok, prompt, max_new_tokens: int = 64, *, device: str = "int
     ids = _prompt_ids(tok, prompt)
     if not ids:
         raise GenerateError("empty prompt")
+    if device == "golden":
+        config = _accelerator_config(config)  # a bad name fails here, before the compilation
     prog = program or DecoderProgram.build(model, tok, **build)
     if len(ids) >= prog.max_context:
         raise GenerateError(f"prompt of {len(ids)} tokens does not fit the {prog.max_context}-slot KV cache")
     stop = frozenset(int(i) for i in stop_ids) if stop_ids is not None else tok.stop_ids
     gen = torch.Generator()
     gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+    backend = BundleBackend(prog, config) if device == "golden" else _Int8Backend(prog)
     n0 = min(len(ids), prog.prompt_len)
-    logits, cache = prog.prefill(ids[:n0])
+    logits = backend.prefill(ids[:n0])
     for pos in range(n0, len(ids)):  # a prompt longer than the prefill bucket: decode steps
-        logits, cache = prog.step(ids[pos], pos, cache)
+        logits = backend.step(ids[pos], pos)
     pos = len(ids)
     out: list[int] = []
     shown = ""
@@ -221,5 +332,5 @@ def generate(model, tok, prompt, max_new_tokens: int = 64, *, device: str = "int
         yield S.GeneratedToken(t, text)
         if len(out) == max_new_tokens or pos >= prog.max_context:
             return
-        logits, cache = prog.step(t, pos, cache)
+        logits = backend.step(t, pos)
         pos += 1

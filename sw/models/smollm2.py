@@ -877,10 +877,14 @@ class DecodeGraph(nn.Module):
 
     Inputs: input_ids (1, 1) int64, position (1,) int64 (the new token's position = number of
     tokens already cached), then per layer past_key.i and past_value.i, each
-    (1, KV, max_context, D). Outputs: logits (1, V), then per layer present_key.i/present_value.i
+    (1, KV, max_context, D). Outputs: logits (1, 1, V), then per layer present_key.i/present_value.i
     (same shapes): the past with slot ``position`` replaced by the new K/V. Attention covers slots
     0..position; later slots are masked, whatever they hold. ``position`` must be below
-    ``max_context`` (the graph cannot check it: a larger one writes nothing and attends to all)."""
+    ``max_context`` (the graph cannot check it: a larger one writes nothing and attends to all).
+
+    The logits keep the sequence axis (like the prefill's (1, T, V)) so that the lm_head's
+    ``Linear`` is the graph output itself: a select of the last row would put a ``Gather``
+    between them, and the compiler hands int32 logits (``int32_outputs``) only from a ``Linear``."""
 
     def __init__(self, model: SmolLM2, max_context: int) -> None:
         super().__init__()
@@ -903,7 +907,7 @@ class DecodeGraph(nn.Module):
             out += [k_all, v_all]
             x = x + attn.attend(q, k_all, v_all, valid)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return (m._logits(x)[:, -1], *out)
+        return (m._logits(x), *out)
 
 
 def _export(module: nn.Module, args: tuple, name: str, key: dict, names, exporter: str | None,

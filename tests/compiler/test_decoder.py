@@ -46,7 +46,9 @@ def tiny_q(tiny):
     model, graph = tiny
     rng = np.random.default_rng(0)
     cal = [{"input_ids": rng.integers(3, 259, (1, T))} for _ in range(6)]
-    return quantize_for_device(graph, cal, int32_outputs=["logits"])
+    # decoders keep the int8 FFN input (as DecoderProgram does): one digit scale per tensor loses
+    # to per-channel int8 on SmolLM2's SwiGLU outputs (docs/compiler.md)
+    return quantize_for_device(graph, cal, int32_outputs=["logits"], digits=False)
 
 
 def test_prefill_fusions_and_ops(tiny):
@@ -200,13 +202,15 @@ def test_generate_int8_follows_float(tiny, tiny_program):
     assert a == b
 
 
-def test_generate_refuses_golden_and_bad_args(tiny, tiny_program):
+def test_generate_bad_args(tiny, tiny_program):
     from weft.sw.generate import GenerateError, generate
 
     model, _ = tiny
     tok = S.tiny_tokenizer()
-    with pytest.raises(GenerateError, match="golden.*lower"):
-        list(generate(model, tok, [5, 6], 2, device="golden"))
+    with pytest.raises(GenerateError, match="unknown device"):
+        list(generate(model, tok, [5, 6], 2, device="tpu", program=tiny_program))
+    with pytest.raises(GenerateError, match="accelerator configuration 'no-such'"):
+        list(generate(model, tok, [5, 6], 2, device="golden", program=tiny_program, config="no-such"))
     with pytest.raises(GenerateError, match="top_p"):
         list(generate(model, tok, [5, 6], 2, device="int8", program=tiny_program, top_p=0.0))
     with pytest.raises(GenerateError, match="does not fit"):
@@ -250,7 +254,8 @@ class _NormMLP(torch.nn.Module):
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
-def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name):
+@pytest.mark.parametrize("digits", [False, True], ids=["int8", "two-digit"])
+def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digits):
     from weft.compiler.lower import lower
     from weft.hw.config import load_config
 
@@ -266,7 +271,8 @@ def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name):
     assert g.op_counts().get("RMSNorm") == 1 and g.op_counts().get("SwiGLU") == 1
     rng = np.random.default_rng(0)
     cal = [{"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)} for _ in range(4)]
-    qg = quantize_for_device(g, cal)
+    qg = quantize_for_device(g, cal, digits=digits, alpha=0.3)  # on this random block 0.3 tracks float best
+    assert bool(qg.digits) == digits  # the SwiGLU output feeds only the down projection
     config = load_config(config_name)
     bundle = lower(qg, config, model="ffn")
     feeds = {"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)}
@@ -363,3 +369,77 @@ def test_tiny_smollm2_prefill_bundle_equals_int8_reference(tiny, tiny_q, config_
     for name in S.prefill_io_names(model.cfg)[1][1:]:
         s = float(tiny_q.act_scales[name])
         np.testing.assert_array_equal(np.rint(got[name] / s), np.rint(ref[name] / s), err_msg=name)
+
+
+# ---------------------------------------------------------------------------- decode-step bundle
+def _int8_cache_integers(qg, values: dict, names) -> dict:
+    """run_int8's cache tensors (real numbers) as their int8 integers, graph column order."""
+    return {n: np.rint(values[n].astype(np.float64) / float(qg.act_scales[n])).astype(np.int64) for n in names}
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+def test_decode_bundle_steps_equal_int8_reference(tiny_program, config_name):
+    """A prefill bundle on the bit-exact model, its cache copied unchanged into a decode-step
+    bundle kept loaded in a DecodeSession, then 3 decode steps: every step's int32 logits and
+    the whole in-place cache equal run_int8's (prefill graph, then the decode graph step by step
+    on its own cache) integer for integer."""
+    from weft.compiler.pipeline import device_outputs, host_inputs
+    from weft.hw.config import load_config
+    from weft.sw.decode_session import DecodeSession
+    from weft.sw.generate import BundleBackend
+
+    prog = tiny_program
+    cfg = prog.model.cfg
+    config = load_config(config_name)
+    ins, outs = S.decode_io_names(cfg)
+    backend = BundleBackend(prog, config)  # prefill bundle -> DecodeSession of the decode bundle
+    dec = backend.decode_bundle
+    assert set(dec.metadata["in_place"]) == set(outs[1:])
+    assert len(dec.metadata["patch_sites"]) >= 2 * cfg.num_layers
+    for out, inp in dec.metadata["in_place"].items():  # the cache is one buffer: input and output
+        assert dec.output(out).address == dec.input(inp).address
+    assert {dec.metadata["host_inputs"][n] for n in ("valid_len", "kv_slot", "rope_table")} == \
+        {"kv_len", "kv_slot", "rope_table"}
+    session = backend.session
+    assert isinstance(session, DecodeSession)
+
+    ids = [11, 42, 7, 99, 23, 5, 61, 17]
+    n = 5
+    backend.prefill(ids[:n])
+    _, cache = prog.prefill(ids[:n])  # run_int8
+    chan = np.asarray(dec.metadata["output_channel_scales"]["logits"])
+    for pos in range(n, n + 3):
+        feeds = {"input_ids": np.array([[ids[pos]]]), "position": np.array([pos])}
+        got = session.step(feeds)
+        ref = run_int8(prog.decode_qg, {**feeds, **dict(zip(ins[2:], cache))})
+        want = np.rint(ref["logits"].astype(np.float64) / chan).astype(np.int64)
+        np.testing.assert_array_equal(got["logits"].astype(np.int64).reshape(want.shape), want, err_msg=f"pos {pos}")
+        dev = device_outputs(dec, {**session.read_cache(), "logits": got["logits"]})  # key columns put back
+        want_cache = _int8_cache_integers(prog.decode_qg, ref, outs[1:])
+        got_cache = _int8_cache_integers(prog.decode_qg, dev, outs[1:])
+        for name in outs[1:]:
+            np.testing.assert_array_equal(got_cache[name], want_cache[name], err_msg=f"{name} after pos {pos}")
+        cache = [ref[k] for k in outs[1:]]
+    # the slot comes from the position: outside the cache there is none to write
+    with pytest.raises(ValueError, match="selects 0 cache slots"):
+        session.step({"input_ids": np.array([[3]]), "position": np.array([CTX])})
+    # the host's per-step inputs need only the token and the position
+    step_inputs = host_inputs(prog.decode_qg.graph, {"input_ids": np.array([[3]]), "position": np.array([9])}, dec,
+                              names=session.step_inputs)
+    assert step_inputs["kv_slot"].tolist() == [9] and step_inputs["valid_len"].tolist() == [10]
+
+
+def test_generate_golden_equals_int8(tiny, tiny_program):
+    """weft generate's golden path (prefill and decode-step bundles on the bit-exact model)
+    yields run_int8's greedy tokens; the prompt is longer than the prefill bucket, so the
+    prompt's tail also runs through decode steps."""
+    from weft.sw.generate import generate
+
+    model, _ = tiny
+    tok = S.tiny_tokenizer()
+    ids = [5, 17, 33, 62, 90, 14, 201, 8, 77, 120]  # 10 tokens, bucket of T = 8
+    want = [t.id for t in generate(model, tok, ids, 4, device="int8", program=tiny_program, stop_ids=[])]
+    got = [t.id for t in generate(model, tok, ids, 4, device="golden", program=tiny_program, stop_ids=[],
+                                  config="tiny")]
+    assert len(want) == 4 and got == want
+

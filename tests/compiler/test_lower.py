@@ -104,6 +104,27 @@ def test_single_row_linears_take_the_gemv_and_equal_int8_reference(config_name):
         _check_exact(graph, qg, bundle, config, {"x": r.standard_normal((1, 40)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+def test_two_digit_ffn_input_equals_int8_reference(config_name):
+    """``quantize(digits=True)``: GELU hands the second Linear a two-digit (12-bit) tensor; the
+    bundle's integers equal run_int8's, which are closer to float than the int8 hand-off's."""
+    graph = _mlp_graph(12)
+    r = np.random.default_rng(4)
+    cal = [{"x": r.standard_normal((12, 40)).astype(np.float32)} for _ in range(4)]
+    qg = quantize_for_device(graph, cal, digits=True)
+    plain = quantize_for_device(graph, cal, digits=False)
+    assert set(qg.digits) == {"g"}
+    config = load_config(config_name)
+    bundle = lower(qg, config)
+    details = {k["op"]: k["detail"] for k in bundle.metadata["kernels"]}
+    assert "two-digit output" in details["Gelu"]
+    feeds = {"x": r.standard_normal((12, 40)).astype(np.float32)}
+    _check_exact(graph, qg, bundle, config, feeds)
+    ref = run_float(graph, feeds)["y"]
+    err = {name: np.abs(run_int8(q, feeds)["y"] - ref).mean() for name, q in (("digits", qg), ("int8", plain))}
+    assert err["digits"] < err["int8"]
+
+
 def test_full_sequence_and_host_graph(tiny):
     """No padding at all (kv_len = seq), and the pickled-host-graph path of ``weft embed``."""
     graph, qg = tiny

@@ -602,6 +602,17 @@ def test_write_write_race_between_queues():
         """))
 
 
+def test_a_machine_kept_between_runs_orders_each_run_after_the_last():
+    """A run that halted is complete: the next run on the same machine (a bundle kept loaded,
+    one run per decode step) uses the rows it wrote without tokens, and finds them written."""
+    m = _machine(TINY)
+    m.write(0, np.arange(4, dtype="<i4"))
+    m.run(assemble("load mem=acc local=0x0 dram=0x0 rows=1 cols=4 stride=0x10\nhalt"))
+    for _ in range(2):
+        m.run(assemble("store mem=acc local=0x0 dram=0x100 rows=1 cols=4 stride=0x10\nhalt"))
+        assert np.frombuffer(m.read(0x100, 16), "<i4").tolist() == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------------- uninitialised, malformed
 def test_matmul_on_never_written_scratchpad_rows():
     with pytest.raises(UninitializedReadError, match="scratchpad row 8"):

@@ -435,8 +435,9 @@ def test_tiny_onnx_decode_and_prefill_match_pytorch(tiny):
         o = run_onnx(dec, feeds)
         with torch.no_grad():
             step, cache = tiny.decode_step(ids[pos], cache)
-        np.testing.assert_allclose(o[0], step.numpy(), rtol=0, atol=1e-4)
-        np.testing.assert_allclose(o[0][0], full[0, pos].numpy(), rtol=0, atol=1e-4)
+        assert o[0].shape == (1, 1, cfg.vocab_size)  # the decode step's logits keep the sequence axis
+        np.testing.assert_allclose(o[0][:, -1], step.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(o[0][0, -1], full[0, pos].numpy(), rtol=0, atol=1e-4)
         for i, (k, v) in enumerate(cache.layers):  # the graph's cache equals PyTorch's
             np.testing.assert_allclose(o[1 + 2 * i][:, :, :pos + 1], k.numpy(), atol=1e-5)
             np.testing.assert_allclose(o[2 + 2 * i][:, :, :pos + 1], v.numpy(), atol=1e-5)
@@ -466,5 +467,5 @@ def test_real_onnx_decode_matches_pytorch(real):
     feeds = {"input_ids": np.array([[ids[-1]]], dtype=np.int64),
              "position": np.array([len(ids) - 1], dtype=np.int64)}
     feeds.update(zip(in_names[2:], [pad(t) for kv in cache.layers for t in kv]))
-    got = run_onnx(path, feeds)[0]
+    got = run_onnx(path, feeds)[0][:, -1]
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-3)
