@@ -54,6 +54,7 @@ bench: setup
 	$(WEFT) bench numerics
 	$(WEFT) bench vector
 	$(WEFT) bench minilm --seq-len $(BENCH_SEQ)
+	$(WEFT) bench decode
 
 docs: setup
 	$(WEFT) docs isa -o docs/isa.md

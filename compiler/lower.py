@@ -612,12 +612,27 @@ class _Lowerer:
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         note = " causal" if causal else ""
         note += f", keys < {mask}" if mask is not None else ""
-        for h in range(H):
-            g = h // G
-            self.attention_head(node, h, Sq=Sq, Skv=Skv, dk=D, dv=D, q_h=(q.address + h * D, q.stride),
-                                k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
-                                ctx_h=(ctx.address + h * D, ctx.stride), scores=scores, probs=probs, rec=rec,
-                                pv_params=pv_params, qk_note=f"head {h} (kv {g})", softmax_note=note, causal=causal)
+        if Sq == 1 and not causal:
+            # One query row (a decode step): the G query heads of a KV group are G consecutive
+            # D-column blocks of that row, so they stack as a [G, D] matrix of row stride D and
+            # share each key / value tile the array preloads (G rows per PRELOAD instead of 1).
+            self.free += [scores, probs]
+            scores = self.scratch(node.name + ".scores", G * Skv * 4)
+            probs = self.scratch(node.name + ".probs", G * Skv)
+            for g in range(KV):
+                self.attention_head(node, g * G, Sq=G, Skv=Skv, dk=D, dv=D, q_h=(q.address + g * G * D, D),
+                                    k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
+                                    ctx_h=(ctx.address + g * G * D, D), scores=scores, probs=probs, rec=rec,
+                                    pv_params=pv_params, qk_note=f"heads {g * G}..{g * G + G - 1} (kv {g})",
+                                    softmax_note=note)
+        else:
+            for h in range(H):
+                g = h // G
+                self.attention_head(node, h, Sq=Sq, Skv=Skv, dk=D, dv=D, q_h=(q.address + h * D, q.stride),
+                                    k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
+                                    ctx_h=(ctx.address + h * D, ctx.stride), scores=scores, probs=probs, rec=rec,
+                                    pv_params=pv_params, qk_note=f"head {h} (kv {g})", softmax_note=note,
+                                    causal=causal)
         self.free += [scores, probs]
 
     def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False) -> list[Instruction]:

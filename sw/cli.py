@@ -327,6 +327,8 @@ def cmd_bench(args) -> int:
         return _bench_vector(config)
     if args.what == "minilm":
         return _bench_minilm(config, args.seq_len, per=args.per, sentence=args.sentence)
+    if args.what == "decode":
+        return _bench_decode(config, args.context)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else GEMM_BENCH_SHAPES
     if args.what == "gemm":
         return _bench_gemm(config, shapes if args.shapes else GEMM_BENCH_SHAPES + GEMV_BENCH_SHAPES)
@@ -425,6 +427,44 @@ def _bench_minilm(config, seq_len: int, *, per: str = "layer", sentence: str | N
           f"twin speed {cps / 1e3:.0f} k cycles/s{cpu_text}; wall time {total_wall:.1f} s (bundle {load_s:.1f} s, twin launch "
           f"{launch_s:.1f} s, run {r['sim_s']:.1f} s)")
     return EXIT_OK if r["identical"] else EXIT_FAILED
+
+
+def _bench_decode(config, contexts) -> int:
+    """``weft bench decode``: SmolLM2-135M's decode step compiled for ``config`` (the program
+    ``weft generate --device golden`` runs), timed by the performance model instruction by
+    instruction, against the memory roofline (weights + KV cache bytes / bus bytes per cycle)."""
+    from collections import defaultdict
+
+    from weft.compiler.lower import lower
+    from weft.compiler.perf import layer_segments, program_cost, segment_cycles
+    from weft.compiler.perf_decoder import decoder_shape
+    from weft.sim.bench import describe_host, format_table
+    from weft.sw.generate import DecoderProgram
+    from weft.sw.models import smollm2 as S
+
+    model, tok = S.load()
+    shape = decoder_shape(model.cfg)
+    print(f"SmolLM2-135M decode step compiled for {config.name!r} ({config.bus_bytes} B/cycle bus, "
+          f"{config.clock_mhz:g} MHz), timed by weft.compiler.perf.program_cost; host: {describe_host()}")
+    rows = []
+    for ctx in contexts:
+        t = time.perf_counter()
+        prog = DecoderProgram.build(model, tok, prompt_len=min(16, ctx), max_context=ctx)
+        bundle = lower(prog.decode_qg, config, model="smollm2-decode")
+        cycles = int(max(program_cost(config, bundle.program)))
+        kinds: dict[str, int] = defaultdict(int)
+        for k, c in zip(bundle.metadata["kernels"], segment_cycles(config, bundle, layer_segments(bundle, "kernel"))):
+            kinds[k["op"] or "prologue"] += c
+        roof = (shape.weight_bytes() + shape.kv_bytes(ctx)) / config.bus_bytes
+        rows.append([ctx, len(bundle.program), cycles, f"{cycles / config.clock_mhz / 1e3:.2f}",
+                     f"{1e6 * config.clock_mhz / cycles:.1f}", f"{roof:.0f}", f"{roof / cycles:.1%}",
+                     kinds.get("Linear", 0), kinds.get("GQAttention", 0), f"{time.perf_counter() - t:.0f}"])
+        print(f"  {ctx} slots done", flush=True)
+    print(format_table(["KV slots", "instructions", "cycles", "ms", "tok/s", "roofline cycles", "of roofline",
+                        "Linear (GEMV)", "attention", "compile s"], rows))
+    print("roofline = (int8 weights + bias/scale words + int8 KV cache) / bus bytes per cycle; Linear and attention: "
+          "their kernels' cycles, each modelled alone")
+    return EXIT_OK
 
 
 def _bench_vector(config) -> int:
@@ -1025,11 +1065,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its table")
-    bench.add_argument("what", choices=["golden", "gemm", "numerics", "vector", "minilm", "serve"],
+    bench.add_argument("what", choices=["golden", "gemm", "numerics", "vector", "minilm", "decode", "serve"],
                        help="golden: bit-exact model speed on GEMM bundles; gemm: array utilization on the RTL "
                             "from its counters; numerics: vector-unit accuracy; vector: vector-unit cycles per row "
                             "on the RTL; minilm: the whole MiniLM forward on the RTL twin per layer against "
-                            "the performance model; serve: the scheduler under load "
+                            "the performance model; decode: SmolLM2's compiled decode step against the memory "
+                            "roofline; serve: the scheduler under load "
                             "against round-robin and least-loaded")
     bench.add_argument("--config", default="default")
     bench.add_argument("--shapes", nargs="+", metavar="MxNxK", help="GEMM shapes (default: 128^3, 256^3, 512^3, 128x1536x384)")
@@ -1043,6 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--per", choices=["layer", "kernel"], default="layer",
                        help="minilm: measure and model per layer (default) or per kernel")
     bench.add_argument("--sentence", help="minilm: the input sentence")
+    bench.add_argument("--context", type=int, nargs="+", default=[256, 2048],
+                       help="decode: KV-cache slots of the decode-step programs (default 256 2048)")
     bench.add_argument("--kill", metavar="DEVICE", help="serve: also run 80%% load killing DEVICE mid-run")
     bench.add_argument("--plot", metavar="PNG", help="serve: write latency/goodput vs load")
     bench.add_argument("--overhead", action="store_true", help="serve: server overhead per request on the null device")
