@@ -35,7 +35,8 @@ from weft.hw.vector_numerics import pack_scale_word
 from .memory import DeviceMemoryPlan
 
 __all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle",
-           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle", "digit_gemm_params"]
+           "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle", "digit_gemm_params",
+           "gemv_digit_consts"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
 
@@ -306,6 +307,9 @@ class GemvPlan:
     acc_col: tuple[int, ...]  # first row of each column slot (nb rows each)
     g: int  # rows of ``cols`` channels requantized per pass (int8 output); data at accumulator
     #         row 0, parameter rows after it, int8 rows at scratchpad row 0 (after a fence)
+    x_digits: bool = False  # x is a two-digit tensor: slice t's lo and hi in scratchpad rows 2t, 2t + 1
+    sp_table: int = 0  # x_digits: nb scratchpad rows of the (1, -16) vbin rope table
+    acc_word: int = 0  # x_digits: the accumulator row holding its scale word
 
     @property
     def steps(self) -> int:
@@ -316,7 +320,7 @@ class GemvPlan:
 
 
 def plan_gemv(config: AcceleratorConfig, N: int, K: int, *, output: str = "int8", w_slots: int = 4,
-              max_block_rows: int | None = None) -> GemvPlan:
+              max_block_rows: int | None = None, x_digits: bool = False) -> GemvPlan:
     """Blocks and on-chip addresses of a weight-streaming GEMV (see :class:`GemvPlan`).
 
     A block is as many channels as half the accumulator holds (two column slots, so one
@@ -335,7 +339,9 @@ def plan_gemv(config: AcceleratorConfig, N: int, K: int, *, output: str = "int8"
         raise GemmError(f"queues.token_max={config.queues.token_max} is too small: the GEMV kernel keeps "
                         f"up to {max(w_slots, 2)} tokens in flight between two queues")
     k_tiles = math.ceil(K / R)
-    nb = min(config.acc_rows // 2, (config.sp_rows - k_tiles) // w_slots, (1 << 16) - 1, max_block_rows or N, N)
+    d = 2 if x_digits else 1  # x rows per slice; digits also keep a table row per channel and a word row
+    nb = min((config.acc_rows - (d - 1)) // 2, (config.sp_rows - d * k_tiles) // (w_slots + d - 1), (1 << 16) - 1,
+             max_block_rows or N, N)
     g = min(config.acc_rows // 3, config.sp_rows, math.ceil(N / C))
     if nb < 1 or g < 1:
         raise GemmError(f"GEMV {N}x{K} does not fit: x needs {k_tiles} scratchpad rows and each of {w_slots} "
@@ -343,8 +349,10 @@ def plan_gemv(config: AcceleratorConfig, N: int, K: int, *, output: str = "int8"
                         f"({config.acc_rows})")
     n_blocks = math.ceil(N / nb)
     nb = math.ceil(N / n_blocks)
+    x_rows = d * k_tiles
     return GemvPlan(N, K, output, C, nb, n_blocks, k_tiles, w_slots,
-                    sp_w=tuple(k_tiles + s * nb for s in range(w_slots)), acc_col=(0, nb), g=g)
+                    sp_w=tuple(x_rows + s * nb for s in range(w_slots)), acc_col=(0, nb), g=g, x_digits=x_digits,
+                    sp_table=x_rows + w_slots * nb, acc_word=2 * nb)
 
 
 def gemv_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarray:
@@ -360,9 +368,20 @@ def gemv_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(2, slices, C).transpose(1, 0, 2))
 
 
+def gemv_digit_consts() -> np.ndarray:
+    """The 32 bytes a two-digit GEMV reads (``digit_consts``): the ``vbin rope`` table row
+    (1, -16) as int8 at byte 0 and its scale word (multiplier 1, shift 0) as int32 at byte 16."""
+    from .reference import DIGIT_BASE
+
+    out = np.zeros(32, dtype=np.uint8)
+    out[0:2] = np.array([1, -DIGIT_BASE], dtype=np.int8).view(np.uint8)
+    out[16:20] = np.array([pack_scale_word(1, 0)], dtype="<i4").view(np.uint8)
+    return out
+
+
 def gemv_program(config: AcceleratorConfig, plan: GemvPlan, *, x_addr: int, wt_addr: int, out_addr: int,
                  col_addr: int | None = None, params_addr: int | None = None, relu: bool = False,
-                 halt: bool = True) -> list[Instruction]:
+                 halt: bool = True, x_plane: int | None = None, digit_consts: int | None = None) -> list[Instruction]:
     """Emit the instruction stream for ``plan``.
 
     Device-memory operands: ``x`` int8 ``1 x K``; ``W^T`` int8 ``N x K`` row-major (row stride
@@ -373,6 +392,11 @@ def gemv_program(config: AcceleratorConfig, plan: GemvPlan, *, x_addr: int, wt_a
     Time: ``ceil(K / R) * N`` cycles of streaming, one weight row per cycle, the bus's rate when
     a row of ``R`` int8 is one beat; the loads of a slot overlap the MATMUL of the slot before.
     Then ``N`` one-beat stores of the column and, for int8, ``ceil(N / cols)`` REQUANTs.
+
+    Two-digit x (``plan.x_digits``: hi at ``x_addr``, lo ``x_plane`` bytes after it): the two
+    digits are two stationary columns (lo, hi), so the weights still stream once; per block a
+    ``vbin rope`` with the table (c, s') = (1, -16) turns each accumulator row's (lo, hi) sums
+    into ``lo + 16 hi`` in column 0 (``digit_consts``: :func:`gemv_digit_consts` in device memory).
     """
     R, C = config.array.rows, config.array.cols
     N, K = plan.N, plan.K
@@ -380,14 +404,30 @@ def gemv_program(config: AcceleratorConfig, plan: GemvPlan, *, x_addr: int, wt_a
     if int8_out and (params_addr is None or col_addr is None):
         raise GemmError("int8 GEMV output needs params_addr and col_addr")
     column = col_addr if int8_out else out_addr
+    digits = plan.x_digits
+    if digits and (x_plane is None or digit_consts is None):
+        raise GemmError("a two-digit x needs x_plane and digit_consts")
     prog: list[Instruction] = []
-    # ---- x: slice t in scratchpad row t (the last one zero-padded by the load)
-    full, rest = divmod(K, R)
-    if full:
-        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=0, dram=x_addr, rows=full, cols=R, stride=R))
-    if rest:
-        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=full, dram=x_addr + full * R, rows=1,
-                                     cols=rest, stride=rest))
+    if digits:
+        # slice t: lo in scratchpad row 2t, hi in 2t + 1 (the transposed PRELOAD reads them as
+        # stationary columns 0 and 1); then the rope table down nb rows and its word
+        for t in range(plan.k_tiles):
+            k = min(R, K - t * R)
+            for row, plane in ((2 * t, x_plane), (2 * t + 1, 0)):
+                prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=row, dram=x_addr + plane + t * R,
+                                             rows=1, cols=k, stride=k))
+        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=plan.sp_table, dram=digit_consts, rows=plan.nb,
+                                     cols=2, stride=0))
+        prog.append(Instruction.make(Opcode.LOAD, mem=Mem.ACC, local=plan.acc_word, dram=digit_consts + 16, rows=1,
+                                     cols=1, stride=0, signal=[V]))
+    else:
+        # ---- x: slice t in scratchpad row t (the last one zero-padded by the load)
+        full, rest = divmod(K, R)
+        if full:
+            prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=0, dram=x_addr, rows=full, cols=R, stride=R))
+        if rest:
+            prog.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=full, dram=x_addr + full * R, rows=1,
+                                         cols=rest, stride=rest))
     step = 0
     for b in range(plan.n_blocks):
         n0, m = b * plan.nb, plan.block_rows(b)
@@ -399,13 +439,19 @@ def gemv_program(config: AcceleratorConfig, plan: GemvPlan, *, x_addr: int, wt_a
                 Opcode.LOAD, mem=Mem.SP, local=slot, dram=wt_addr + n0 * K + t * R, rows=m, cols=k, stride=K,
                 wait=[MM] if step >= plan.w_slots else [], signal=[MM]))
             wait = {L} | ({S} if t == 0 and b >= 2 else set())  # the column slot has been stored
-            prog.append(Instruction.make(Opcode.PRELOAD, sp=t, k=k, n=1, transpose=1, wait=wait))
+            prog.append(Instruction.make(Opcode.PRELOAD, sp=2 * t if digits else t, k=k, n=2 if digits else 1,
+                                         transpose=1, wait=wait))
             last = t == plan.k_tiles - 1
             prog.append(Instruction.make(Opcode.MATMUL, a=slot, acc=acc, m=m, k=k, accumulate=int(t > 0),
-                                         signal={L} | ({S} if last else set())))
+                                         signal={L} | ({V if digits else S} if last else set())))
             step += 1
+        if digits:  # column 0 = lo sums + 16 * hi sums (column 1)
+            prog.append(Instruction.make(Opcode.VBIN, func="rope", a_mem=Mem.ACC, a=acc, b_mem=Mem.SP,
+                                         b=plan.sp_table, dst_mem=Mem.ACC, dst=acc, param=plan.acc_word, rows=m,
+                                         wait={MM} | ({L} if b == 0 else set()), signal={S}))
         prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=column + n0 * 4, rows=m, cols=1,
-                                     stride=4, wait=[MM], signal=[MM] if b + 2 < plan.n_blocks else []))
+                                     stride=4, wait=[V if digits else MM],
+                                     signal=[MM] if b + 2 < plan.n_blocks else []))
     if int8_out:
         # Every column row must be in device memory before it is read back row-major.
         prog.append(Instruction.make(Opcode.FENCE))

@@ -47,11 +47,12 @@ from weft.hw.config import AcceleratorConfig
 from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue, format_instruction
 from weft.hw.vector_numerics import param_rows
 
-from .gemm import GemmError, digit_gemm_params, gemm_program, gemv_params, gemv_program, plan_gemm, plan_gemv
+from .gemm import (GemmError, digit_gemm_params, gemm_program, gemv_digit_consts, gemv_params, gemv_program,
+                   plan_gemm, plan_gemv)
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
-from .reference import DIGIT_BASE, DIGIT_HI_WORD
+from .reference import DIGIT_BASE, DIGIT_FINE_WORD, DIGIT_HI_WORD
 
 __all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name", "kv_slot_input_name",
            "rope_table_input_name"]
@@ -320,8 +321,6 @@ class _Lowerer:
             self.fail(node, f"input {node.inputs[0]!r} is {'' if x.plane else 'not '}a two-digit tensor, "
                             "unlike what the quantizer planned")
         if M == 1:
-            if p.in_digits:
-                self.fail(node, "a two-digit input to a one-row Linear (GEMV) is not lowered")
             self.lower_gemv(node, p, x, cols, wide)
             return
         w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols]))
@@ -343,7 +342,7 @@ class _Lowerer:
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool) -> None:
         K, N = p.weight.shape
         try:
-            plan = plan_gemv(self.cfg, N, K, output="int32" if wide else "int8")
+            plan = plan_gemv(self.cfg, N, K, output="int32" if wide else "int8", x_digits=bool(x.plane))
         except GemmError as exc:
             self.fail(node, str(exc))
         wt_addr = self.const(f"{node.name}.weight_t", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols].T))
@@ -353,11 +352,17 @@ class _Lowerer:
             words = gemv_params(self.cfg, np.broadcast_to(p.bias, (N,))[cols], np.broadcast_to(p.scale_words, (N,))[cols])
             params_addr = self.const(f"{node.name}.params", words)
             col = self.scratch(node.name + ".column", words.shape[0] * self.C * 4)
+        consts = None
+        if x.plane:
+            if "gemv_digit_consts" not in self.shared_consts:
+                self.shared_consts["gemv_digit_consts"] = self.const("gemv.digit_consts", gemv_digit_consts())
+            consts = self.shared_consts["gemv_digit_consts"]
         body = gemv_program(self.cfg, plan, x_addr=x.address, wt_addr=wt_addr, out_addr=out.address,
-                            col_addr=col.address if col else None, params_addr=params_addr, halt=False)
+                            col_addr=col.address if col else None, params_addr=params_addr, halt=False,
+                            x_plane=x.plane or None, digit_consts=consts)
         if col is not None:
             self.free.append(col)
-        self.emit_kernel(node.name, node, body, f"GEMV {N}x{K}")
+        self.emit_kernel(node.name, node, body, f"GEMV {N}x{K}" + (", two-digit input" if x.plane else ""))
 
     # ------------------------------------------------------------------ attention
     def lower_attention(self, node: Node) -> None:
@@ -894,7 +899,7 @@ class _Lowerer:
 
             self.digit_kernel(node, M, D, [(gate, p.gate, node.inputs[0]), (up, VecIn("int8", p.up_scale), node.inputs[1])],
                               np.vstack([param_rows([p.silu_in, p.silu_out], C), param_rows([p.mul_word], C)]),
-                              produce, f"swiglu {M}x{D}")
+                              produce, f"swiglu {M}x{D}", factors=p.digit_factors)
             return
         out = self.out_tensor(node.outputs[0], M, D, 1)
         per_channel = p.requant_words is not None
@@ -936,7 +941,7 @@ class _Lowerer:
                               lambda m, srcs, tmp, prm: [Instruction.make(
                                   Opcode.VMAP, func="gelu", src_mem=srcs[0][0], src=srcs[0][1], dst_mem=Mem.ACC,
                                   dst=tmp, param=prm, rows=nsl * m)], f"gelu {M}x{D} from {p.src.kind}",
-                              in_place=p.src.kind in ("int32", "widen"))
+                              in_place=p.src.kind in ("int32", "widen"), factors=p.digit_factors)
             return
         out = self.out_tensor(o, M, D, 1)
         per_channel = p.requant_words is not None
@@ -966,13 +971,15 @@ class _Lowerer:
                            f"gelu {M}x{D} from {p.src.kind}" + (", per-channel requant" if per_channel else ""))
 
     def digit_kernel(self, node: Node, M: int, D: int, inputs: list, params: np.ndarray, produce: Callable,
-                     detail: str, in_place: bool = False) -> None:
+                     detail: str, in_place: bool = False, factors: np.ndarray | None = None) -> None:
         """A vector kernel whose int32 result (``produce(m, srcs, x, param_row)`` writes it to the
         accumulator rows at ``x``, at the output's scale) leaves as a two-digit tensor
         (``quantize.digit_values``): ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with
         rows of -16, ``lo = vbin add(x, -16 hi)``; hi and lo stored as two int8 planes.
-        ``in_place``: the first input is in accumulator rows and ``x`` may overwrite it (fewer
-        accumulator rows per token, longer chunks)."""
+        ``factors`` (per-channel digit scales): first ``x = vbin mul(x, factor rows)`` rounded by
+        ``2^DIGIT_FINE_SHIFT`` (``reference.digit_channels``). ``in_place``: the first input is in
+        accumulator rows and ``x`` may overwrite it (fewer accumulator rows per token, longer
+        chunks)."""
         C = self.E_acc
         nsl = -(-D // C)
         buf = self.new_tensor(node.outputs[0], 2 * M, D, 1)
@@ -984,16 +991,27 @@ class _Lowerer:
             self.shared_consts[key] = self.const(f"digits.neg{DIGIT_BASE}.{M}x{D}",
                                                  np.full((M, D), -DIGIT_BASE, dtype=np.int8))
         neg = _Tensor(self.shared_consts[key], M, D, 1)
-        words = [params, param_rows([DIGIT_HI_WORD], C), param_rows([UNIT_WORD, UNIT_WORD], C)]
+        words = [params, param_rows([DIGIT_HI_WORD], C), param_rows([UNIT_WORD, UNIT_WORD], C),
+                 param_rows([DIGIT_FINE_WORD], C)]
+        extra = [(neg, VecIn("int8", 1.0), f"-{DIGIT_BASE}")]
+        if factors is not None:  # the channels' factors, one row per row of the output
+            extra.append((_Tensor(self.const(f"{node.name}.digit_factors",
+                                             np.tile(np.asarray(factors, np.int8), (M, 1))), M, D, 1),
+                          VecIn("int8", 1.0), "digit factors"))
 
         def build(m, srcs, outs_, tmp, prm):
             (hm, ha), (lm, la) = outs_
-            neg_mem, neg_at = srcs[-1]
+            neg_mem, neg_at = srcs[len(inputs)]
             rows = nsl * m
             if in_place and srcs[0][0] != Mem.ACC:
                 self.fail(node, "in-place digit split needs its input in accumulator rows")
             x12, prod = (srcs[0][1], tmp) if in_place else (tmp, tmp + rows)
-            return produce(m, srcs[:-1], x12, prm[0]) + [
+            ins = produce(m, srcs[:len(inputs)], x12, prm[0])
+            if factors is not None:
+                fm, fa = srcs[len(inputs) + 1]
+                ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=x12, b_mem=fm, b=fa,
+                                            dst_mem=Mem.ACC, dst=x12, param=prm[3], rows=rows))
+            return ins + [
                 Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=x12, dst_mem=hm, dst=ha,
                                  param=prm[1], rows=rows),
                 Instruction.make(Opcode.VBIN, func="mul", a_mem=hm, a=ha, b_mem=neg_mem, b=neg_at, dst_mem=Mem.ACC,
@@ -1001,8 +1019,9 @@ class _Lowerer:
                 Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=x12, b_mem=Mem.ACC, b=prod, dst_mem=lm,
                                  dst=la, param=prm[2], rows=rows)]
 
-        self.vector_kernel(node, M, inputs + [(neg, VecIn("int8", 1.0), f"-{DIGIT_BASE}")], build,
-                           [(hi, "sp"), (lo, "sp")], words, nsl if in_place else 2 * nsl, detail + ", two-digit output")
+        self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")], words,
+                           nsl if in_place else 2 * nsl,
+                           detail + ", two-digit output" + (" per channel" if factors is not None else ""))
 
     def lower_add(self, node: Node) -> None:
         p = self.qg.adds[node.name]

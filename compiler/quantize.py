@@ -36,7 +36,7 @@ from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params,
                                      pack_scale_word, rmsnorm_params, rope_params, silu_params, softmax_params)
 
 from .ir import Graph, Node
-from .reference import DIGIT_MAX, run_float
+from .reference import DIGIT_FINE_SHIFT, DIGIT_MAX, run_float
 
 __all__ = ["QuantizeError", "CALIBRATION_METHODS", "LinearParams", "MatMulParams", "AttentionParams",
            "VecIn", "NormParams", "GeluParams", "AddParams", "QuantizedGraph", "Calibrator", "calibrate", "quantize", "quantize_weight", "scale_words"]
@@ -139,6 +139,7 @@ class GeluParams:
     mid_scale: float | None = None
     requant_words: np.ndarray | None = None
     digits: bool = False  # int32 straight at ``out_scale``, then the digit split
+    digit_factors: np.ndarray | None = None  # per channel: int32 at a fine scale times these, then the split
 
 
 @dataclass
@@ -196,6 +197,7 @@ class SwiGLUParams:
     mul_scale: float | None = None
     requant_words: np.ndarray | None = None
     digits: bool = False  # ``vbin mul`` into int32 at ``out_scale``, then the digit split
+    digit_factors: np.ndarray | None = None  # per channel: as GeluParams.digit_factors
 
 
 @dataclass
@@ -218,8 +220,8 @@ class QuantizedGraph:
     ropes: dict[str, RopeParams] = field(default_factory=dict)
     gqas: dict[str, GQAParams] = field(default_factory=dict)
     swiglus: dict[str, SwiGLUParams] = field(default_factory=dict)
-    #: two-digit tensors (``DIGIT_BASE * hi + lo``, one scale per tensor): producer output -> scale
-    digits: dict[str, float] = field(default_factory=dict)
+    #: two-digit tensors (``DIGIT_BASE * hi + lo``): producer output -> scale (per tensor or per channel)
+    digits: dict[str, float | np.ndarray] = field(default_factory=dict)
 
 
 def scale_words(real_scale: np.ndarray | float) -> np.ndarray:
@@ -387,15 +389,26 @@ def channel_scaled_values(graph: Graph, wide: set[str]) -> set[str]:
 def digit_values(graph: Graph) -> set[str]:
     """Outputs of :data:`DIGIT_PRODUCERS` read only by Linears (the FFN's down projection input:
     GELU or SwiGLU): held as two int8 digits, 16x the resolution of int8, at the cost of a
-    second pass of their rows through the consumer's weights. Not for one-row tensors: the
-    one-row GEMV kernel takes int8 input."""
+    second pass of their rows through the consumer's weights (a one-row GEMV streams its
+    weights once for both digits)."""
     cons = graph.consumers()
     outputs = {o.name for o in graph.outputs}
     return {n.outputs[0] for n in graph.nodes
             if n.op in DIGIT_PRODUCERS and n.device == "device" and n.outputs[0] not in outputs
-            and int(np.prod(graph.shape(n.outputs[0])[:-1])) > 1
             and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
                                                for u in cons[n.outputs[0]])}
+
+
+def _digit_scales(target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Per-channel two-digit scales the vector unit can produce: int32 at the fine scale
+    ``s_max / 2^DIGIT_FINE_SHIFT`` times an int8 factor ``f_c = min(127, floor(s_max / s_c))``,
+    rounded by ``2^DIGIT_FINE_SHIFT`` (``vbin mul``), gives the channel at ``s_max / f_c``: never
+    finer than ``target`` (so values stay in range), at most ``1 / f_c`` coarser.
+    Returns (fine scale, int8 factors, the channels' scales)."""
+    target = np.maximum(np.asarray(target, dtype=np.float64), 1e-12)
+    s_max = float(target.max())
+    factors = np.clip(np.floor(s_max / target * (1 + 1e-12)), 1, 127).astype(np.int64)
+    return s_max / (1 << DIGIT_FINE_SHIFT), factors.astype(np.int8), s_max / factors
 
 
 def _widen(scale: np.ndarray, twin: bool = False) -> "VecIn":
@@ -410,7 +423,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
              keep_wide: bool = True, channel_scales: Mapping[str, np.ndarray] | None = None,
              vector_channel_scales: Mapping[str, np.ndarray] | None = None,
              amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
-             fixed_scales: Mapping[str, float] | None = None, digits: bool = False) -> QuantizedGraph:
+             fixed_scales: Mapping[str, float] | None = None, digits: bool = False,
+             digit_channel_scales: Mapping[str, np.ndarray] | None = None) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -422,7 +436,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     when both Linears and vector ops read it. ``amax`` (largest |x| per tensor; default
     ``127 * act_scales``): sets the int32 scales of host tensors handed to a device LayerNorm
     and of GELU's int32 intermediate. ``digits``: the tensors of :func:`digit_values` become
-    two-digit tensors at ``amax / DIGIT_MAX`` (per tensor)."""
+    two-digit tensors at ``amax / DIGIT_MAX`` (per tensor), or per channel when
+    ``digit_channel_scales`` (int8-style scales, e.g. ``Calibrator.channel_scales(alpha)``) has
+    them: the same smoothing at 12 bits, folded into the Linear's weight rows
+    (:func:`_digit_scales`)."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -461,8 +478,14 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                     and name in vec_scales:
                 qg.twins[name] = np.asarray(vec_scales[name], dtype=np.float64)
 
+    digit_fine: dict[str, tuple[float, np.ndarray]] = {}
     if digits:
         for name in digit_values(graph):
+            if digit_channel_scales and name in digit_channel_scales:
+                fine, factors, per_channel = _digit_scales(np.asarray(digit_channel_scales[name]) * 127.0 / DIGIT_MAX)
+                digit_fine[name] = (fine, factors)
+                qg.digits[name] = scales[name] = per_channel
+                continue
             top = float(amax[name]) if name in amax else float(np.max(scales[name])) * 127.0
             qg.digits[name] = scales[name] = max(top, 1e-8) / DIGIT_MAX
 
@@ -533,7 +556,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if x in qg.wide:
                 raise QuantizeError(f"{n.name} (Linear): an int32 (wide) input is not supported")
             s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
-            if x in qg.digits:
+            if x in qg.digits and not isinstance(s_in, np.ndarray):
                 wq, ws = quantize_weight(w)
                 in_sc = s_in
             elif isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
@@ -607,9 +630,11 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             so = need(n.outputs[0], n)
             mid = gate.scale / (1 << SILU_MID_BITS)
             w_in, w_out = (int(w) for w in silu_params(gate.scale, mid, cols=2)[0])
-            if n.outputs[0] in qg.digits:  # int32 product at the digit scale, then the split
+            if n.outputs[0] in qg.digits:  # int32 product at the digit scale (or a fine one), then the split
+                fine, factors = digit_fine.get(n.outputs[0], (so, None))
                 qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out,
-                                                  int(mul_params(mid, su, so, cols=1)[0, 0]), digits=True)
+                                                  int(mul_params(mid, su, fine, cols=1)[0, 0]), digits=True,
+                                                  digit_factors=factors)
             elif isinstance(so, np.ndarray):  # per channel: int32 product, then REQUANT per column
                 ms = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
                 qg.swiglus[n.name] = SwiGLUParams(gate, su, so, mid, w_in, w_out,
@@ -619,9 +644,11 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         elif n.op == "Gelu":
             src = vec_in(n.inputs[0], n)
             so = need(n.outputs[0], n)
-            if n.outputs[0] in qg.digits:  # int32 at the digit scale, then the split
-                words = gelu_params(src.scale, so, cols=2)[0]
-                qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]), digits=True)
+            if n.outputs[0] in qg.digits:  # int32 at the digit scale (or a fine one), then the split
+                fine, factors = digit_fine.get(n.outputs[0], (so, None))
+                words = gelu_params(src.scale, fine, cols=2)[0]
+                qg.gelus[n.name] = GeluParams(src, so, int(words[0]), int(words[1]), digits=True,
+                                              digit_factors=factors)
             elif isinstance(so, np.ndarray):  # per channel: int32 intermediate, then REQUANT per column
                 mid = peak(n.outputs[0], n) / (1 << HOST_WIDE_BITS)
                 words = gelu_params(src.scale, mid, cols=2)[0]

@@ -34,13 +34,16 @@ from .ir import Graph, Node
 
 __all__ = ["ExecutionError", "FLOAT_OPS", "INT8_OPS", "QTensor", "AccTensor", "run_float", "run_int8",
            "register_int8_op", "quantize_tensor", "float_kernel", "key_lengths", "softmax_placeholder",
-           "DIGIT_BASE", "DIGIT_MAX", "digit_split", "digit_gemm"]
+           "DIGIT_BASE", "DIGIT_MAX", "DIGIT_FINE_SHIFT", "digit_split", "digit_gemm", "digit_channels"]
 
 #: Two-digit ("12-bit") activations: a tensor x held as two int8 digits, x = DIGIT_BASE * hi + lo,
 #: whose values span [-DIGIT_MAX, DIGIT_MAX] at its scale (16x finer steps than int8). The GEMM
 #: runs hi and lo through the same weights and adds ``DIGIT_BASE * acc_hi + acc_lo`` (``vbin add``).
 DIGIT_BASE = 16
 DIGIT_MAX = 2047
+#: Per-channel digit scales: the producer's int32 at ``s_max / 2^DIGIT_FINE_SHIFT`` is multiplied
+#: by int8 factors and rounded by this shift (``vbin mul``), giving channel c at ``s_max / f_c``.
+DIGIT_FINE_SHIFT = 10
 
 
 class ExecutionError(RuntimeError):
@@ -337,7 +340,16 @@ def digit_split(x: np.ndarray, scale: float) -> QTensor:
     x = np.asarray(x, dtype=np.int64)
     hi = vec_scale(x, DIGIT_HI_WORD, INT8)
     lo = vec_add(x, vec_mul(hi, np.int64(-DIGIT_BASE), _UNIT_WORD, INT32), _UNIT_WORD, _UNIT_WORD, INT8)
-    return QTensor((DIGIT_BASE * hi + lo).astype(np.int32), float(scale), digits=(hi.astype(np.int8), lo.astype(np.int8)))
+    scale = scale if isinstance(scale, np.ndarray) else float(scale)
+    return QTensor((DIGIT_BASE * hi + lo).astype(np.int32), scale, digits=(hi.astype(np.int8), lo.astype(np.int8)))
+
+
+def digit_channels(x: np.ndarray, factors: np.ndarray | None) -> np.ndarray:
+    """Per-channel digit scales: ``vbin mul`` of the int32 values (at the fine scale) by the int8
+    factor of each channel (last axis), rounded by ``2^DIGIT_FINE_SHIFT``; identity without factors."""
+    if factors is None:
+        return x
+    return vec_mul(x, np.asarray(factors, np.int64), DIGIT_FINE_WORD, INT32)
 
 
 def digit_gemm(digits: tuple[np.ndarray, np.ndarray], w: np.ndarray) -> np.ndarray:
@@ -353,7 +365,7 @@ def _int8_linear(qg, node: Node, x, w=None, b=None):
     if p.in_digits:
         if not (isinstance(x, QTensor) and x.digits is not None):
             x = digit_split(np.rint(np.asarray(_as_float(x), np.float64) / p.in_scale), p.in_scale)
-        if not np.isclose(x.scale, p.in_scale, rtol=1e-12, atol=0):
+        if not np.allclose(x.scale, p.in_scale, rtol=1e-12, atol=0):
             raise ExecutionError(f"{node.name}: input scale differs from the planned one")
         acc = digit_gemm(x.digits, p.weight)
     else:
@@ -452,6 +464,7 @@ def vector_input(x, src) -> np.ndarray:
 _UNIT_WORD = 1  # scale word with multiplier 1, shift 0: y = a * b exactly
 DIGIT_BASE_WORD = int(pack_scale_word(DIGIT_BASE, 0))  # y = 16 a
 DIGIT_HI_WORD = int(pack_scale_word(1, 4))  # y = rhe(a / 16)
+DIGIT_FINE_WORD = int(pack_scale_word(1, DIGIT_FINE_SHIFT))  # y = rhe(a * f / 2^DIGIT_FINE_SHIFT)
 
 
 def _layernorm_int(p, x: np.ndarray) -> np.ndarray:
@@ -477,7 +490,7 @@ def _int8_gelu(qg, node: Node, x):
     p = qg.gelus[node.name]
     xi = vector_input(x, p.src)
     if p.digits:
-        return digit_split(vec_gelu(xi, p.word_in, p.word_out, INT32), p.out_scale)
+        return digit_split(digit_channels(vec_gelu(xi, p.word_in, p.word_out, INT32), p.digit_factors), p.out_scale)
     if p.requant_words is None:
         return QTensor(vec_gelu(xi, p.word_in, p.word_out, INT8).astype(np.int8), p.out_scale)
     mid = vec_gelu(xi, p.word_in, p.word_out, INT32)
@@ -578,7 +591,7 @@ def _int8_swiglu(qg, node: Node, gate, up):
     uq = _as_q(up, p.up_scale).q.astype(np.int64)
     mid = vec_silu(g, p.silu_in, p.silu_out, INT32)
     if p.digits:
-        return digit_split(vec_mul(mid, uq, p.mul_word, INT32), p.out_scale)
+        return digit_split(digit_channels(vec_mul(mid, uq, p.mul_word, INT32), p.digit_factors), p.out_scale)
     if p.requant_words is None:
         return QTensor(vec_mul(mid, uq, p.mul_word, INT8).astype(np.int8), p.out_scale)
     prod = vec_mul(mid, uq, p.mul_word, INT32)

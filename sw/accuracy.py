@@ -334,12 +334,15 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
     f_nll = _nll(f_logits[:-1], text_ids[0, 1:])
     results = {"prompts": len(prompts or DECODER_PROMPTS), "new_tokens": new_tokens, "ppl_tokens": ppl_len,
                "float_ppl": math.exp(f_nll), "choices": {}}
-    for method, alpha, valpha in choices:
+    for choice in choices:
+        method, alpha, valpha = choice[:3]
+        digit_alpha = choice[3] if len(choice) > 3 else None  # None: int8 FFN input; else two-digit
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
         kw = dict(method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                   vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
-                  int32_outputs=["logits"])
+                  int32_outputs=["logits"], digits=digit_alpha is not None,
+                  digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None)
         qg = quantize(g_short, scales, **kw)
         agree = decoder_agreement(model, tok, qg, prompt_len, prompts or DECODER_PROMPTS, new_tokens)
         q_logits = run_int8(quantize(g_long, scales, **kw), {"input_ids": text_ids})["logits"][0]
@@ -347,9 +350,11 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
         r = {"agreement": agree["agreement"], "min_prompt_agreement": agree["min_prompt"],
              "positions": agree["positions"], "int8_ppl": math.exp(q_nll),
              "ppl_ratio": math.exp(q_nll - f_nll), "seconds": round(time.time() - t, 1)}
-        results["choices"][f"{method}, alpha={alpha}, vector_alpha={valpha}"] = r
+        label = f"{method}, alpha={alpha}, vector_alpha={valpha}" + (
+            "" if digit_alpha is None else f", two-digit FFN input (alpha {digit_alpha})")
+        results["choices"][label] = r
         if verbose:
-            print(f"{method} alpha={alpha}/{valpha}: top-1 agreement {r['agreement']:.4f} "
+            print(f"{label}: top-1 agreement {r['agreement']:.4f} "
                   f"(min prompt {r['min_prompt_agreement']:.3f}, {r['positions']} positions), "
                   f"ppl {r['int8_ppl']:.3f} vs float {results['float_ppl']:.3f} "
                   f"(x{r['ppl_ratio']:.4f})  [{r['seconds']} s]", flush=True)
@@ -362,11 +367,12 @@ if __name__ == "__main__":  # pragma: no cover
 
     ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
-    ap.add_argument("--choice", action="append", default=None, metavar="METHOD,ALPHA,VECTOR_ALPHA",
-                    help="smollm2: calibration choice(s) to evaluate (default max,0.5,1.0)")
+    ap.add_argument("--choice", action="append", default=None, metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA]",
+                    help="smollm2: calibration choice(s) to evaluate (default max,0.5,1.0); a fourth value gives "
+                         "the FFN down projection a two-digit input with that smoothing (0: one scale per tensor)")
     a = ap.parse_args()
     if a.model == "smollm2":
-        ch = [(c.split(",")[0], float(c.split(",")[1]), float(c.split(",")[2])) for c in a.choice] if a.choice else None
+        ch = [(c.split(",")[0], *(float(v) for v in c.split(",")[1:])) for c in a.choice] if a.choice else None
         res = smollm2_accuracy(**({"choices": ch} if ch else {}))
     else:
         res = minilm_accuracy()

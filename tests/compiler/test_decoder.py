@@ -254,7 +254,7 @@ class _NormMLP(torch.nn.Module):
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
-@pytest.mark.parametrize("digits", [False, True], ids=["int8", "two-digit"])
+@pytest.mark.parametrize("digits", [False, True, "per-channel"], ids=["int8", "two-digit", "two-digit-per-channel"])
 def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digits):
     from weft.compiler.lower import lower
     from weft.hw.config import load_config
@@ -271,8 +271,9 @@ def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digi
     assert g.op_counts().get("RMSNorm") == 1 and g.op_counts().get("SwiGLU") == 1
     rng = np.random.default_rng(0)
     cal = [{"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)} for _ in range(4)]
-    qg = quantize_for_device(g, cal, digits=digits, alpha=0.3)  # on this random block 0.3 tracks float best
-    assert bool(qg.digits) == digits  # the SwiGLU output feeds only the down projection
+    qg = quantize_for_device(g, cal, digits=bool(digits), alpha=0.3,  # on this random block 0.3 tracks float best
+                             digit_alpha=0.3 if digits == "per-channel" else 0.0)
+    assert bool(qg.digits) == bool(digits)  # the SwiGLU output feeds only the down projection
     config = load_config(config_name)
     bundle = lower(qg, config, model="ffn")
     feeds = {"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)}

@@ -425,3 +425,47 @@ def test_two_digit_a_errors():
         plan_gemm(TINY, 4, 4, 4, output="int32", a_digits=True)
     with pytest.raises(GemmError, match="a_plane"):
         gemm_program(TINY, plan_gemm(TINY, 4, 4, 4, a_digits=True), a_addr=0, b_addr=0, out_addr=0, params_addr=0)
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (64, 20)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("output", ["int8", "int32"])
+def test_gemv_two_digit_x_computes_the_wide_product(config_name, shape, output):
+    """x = 16 * hi + lo as two stationary columns, combined by vbin rope: x12 @ W in numpy int64."""
+    from weft.compiler.gemm import gemv_digit_consts
+
+    config = CONFIGS[config_name]
+    N, K = shape
+    rng = np.random.default_rng(N + 1000 * K)
+    x12 = rng.integers(-2047, 2048, K)
+    hi = np.clip(np.rint(x12 / 16), -128, 127).astype(np.int64)
+    lo = x12 - 16 * hi
+    w = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bias, mult, shift = rng.integers(-5000, 5000, N), rng.integers(1, 1 << 16, N), rng.integers(14, 24, N)
+    C = config.array.cols
+    slices = -(-N // C)
+    x_addr, plane = 0, _align(K)
+    wt_addr = 2 * plane
+    consts = _align(wt_addr + N * K)
+    col_addr = consts + 256
+    p_addr = _align(col_addr + 4 * slices * C)
+    out_addr = _align(p_addr + 8 * slices * C)
+    machine = GoldenMachine(config, memory_bytes=_align(out_addr + 4 * N) + 256)
+    machine.write(x_addr, hi.astype(np.int8))
+    machine.write(x_addr + plane, lo.astype(np.int8))
+    machine.write(wt_addr, np.ascontiguousarray(w.T))
+    machine.write(consts, gemv_digit_consts())
+    words = (mult | (shift << 16)).astype(np.int64)
+    machine.write(p_addr, gemv_params(config, bias, words).astype("<i4"))
+    plan = plan_gemv(config, N, K, output=output, x_digits=True, max_block_rows=7)
+    program = gemv_program(config, plan, x_addr=x_addr, wt_addr=wt_addr, out_addr=out_addr,
+                           col_addr=col_addr if output == "int8" else None,
+                           params_addr=p_addr if output == "int8" else None, x_plane=plane, digit_consts=consts)
+    stats = machine.run(program)
+    int8 = output == "int8"
+    out = np.frombuffer(machine.read(out_addr, N * (1 if int8 else 4)), np.int8 if int8 else np.dtype("<i4"))
+    exact = x12 @ w.astype(np.int64)
+    want = exact if not int8 else np.array([ref_requant(int(exact[j]), int(bias[j]), int(mult[j]), int(shift[j]), False)
+                                            for j in range(N)])
+    np.testing.assert_array_equal(out, want)
+    assert stats.max_tokens <= config.queues.token_max

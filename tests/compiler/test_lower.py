@@ -95,29 +95,35 @@ def test_single_row_linears_take_the_gemv_and_equal_int8_reference(config_name):
     """At one row (a decode step) every Linear is the weight-streaming GEMV: same integers."""
     graph = _mlp_graph(1)
     r = np.random.default_rng(3)
-    qg = quantize_for_device(graph, [{"x": r.standard_normal((1, 40)).astype(np.float32)} for _ in range(4)])
+    cal = [{"x": r.standard_normal((1, 40)).astype(np.float32)} for _ in range(4)]
     config = load_config(config_name)
-    bundle = lower(qg, config)
-    linears = [k for k in bundle.metadata["kernels"] if k["op"] == "Linear"]
-    assert len(linears) == 2 and all(k["detail"].startswith("GEMV") for k in linears)
+    for digits, digit_alpha in ((False, 0.0), (True, 0.0), (True, 0.5)):  # int8, two-digit per tensor / channel
+        qg = quantize_for_device(graph, cal, digits=digits, digit_alpha=digit_alpha)
+        bundle = lower(qg, config)
+        linears = [k for k in bundle.metadata["kernels"] if k["op"] == "Linear"]
+        assert len(linears) == 2 and all(k["detail"].startswith("GEMV") for k in linears)
+        assert linears[1]["detail"].endswith("two-digit input") == digits
+        _check_exact(graph, qg, bundle, config, {"x": r.standard_normal((1, 40)).astype(np.float32)})
     for _ in range(2):
         _check_exact(graph, qg, bundle, config, {"x": r.standard_normal((1, 40)).astype(np.float32)})
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
-def test_two_digit_ffn_input_equals_int8_reference(config_name):
-    """``quantize(digits=True)``: GELU hands the second Linear a two-digit (12-bit) tensor; the
-    bundle's integers equal run_int8's, which are closer to float than the int8 hand-off's."""
+@pytest.mark.parametrize("digit_alpha", [0.0, 0.5], ids=["per-tensor", "per-channel"])
+def test_two_digit_ffn_input_equals_int8_reference(config_name, digit_alpha):
+    """``quantize(digits=True)``: GELU hands the second Linear a two-digit (12-bit) tensor (one
+    scale, or one per channel through int8 factors); the bundle's integers equal run_int8's,
+    which are closer to float than the int8 hand-off's."""
     graph = _mlp_graph(12)
     r = np.random.default_rng(4)
     cal = [{"x": r.standard_normal((12, 40)).astype(np.float32)} for _ in range(4)]
-    qg = quantize_for_device(graph, cal, digits=True)
+    qg = quantize_for_device(graph, cal, digits=True, digit_alpha=digit_alpha)
     plain = quantize_for_device(graph, cal, digits=False)
-    assert set(qg.digits) == {"g"}
+    assert set(qg.digits) == {"g"} and np.ndim(qg.digits["g"]) == (1 if digit_alpha else 0)
     config = load_config(config_name)
     bundle = lower(qg, config)
     details = {k["op"]: k["detail"] for k in bundle.metadata["kernels"]}
-    assert "two-digit output" in details["Gelu"]
+    assert "two-digit output" in details["Gelu"] and ("per channel" in details["Gelu"]) == bool(digit_alpha)
     feeds = {"x": r.standard_normal((12, 40)).astype(np.float32)}
     _check_exact(graph, qg, bundle, config, feeds)
     ref = run_float(graph, feeds)["y"]
