@@ -36,13 +36,15 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 __all__ = ["GenerateError", "DecoderProgram", "BundleBackend", "generate", "DEVICES", "DECODER_ALPHA",
-           "DECODER_VECTOR_ALPHA"]
+           "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA"]
 
 DEVICES = ("float", "int8", "golden")
 #: Calibration defaults for decoders (docs/compiler.md, "Accuracy": measured better than the
 #: encoder's 0.3 / 0.6 on SmolLM2-135M).
 DECODER_ALPHA = 0.5
 DECODER_VECTOR_ALPHA = 1.0
+#: Two-digit (12-bit) down-projection input with this per-channel smoothing; None: int8.
+DECODER_DIGIT_ALPHA: float | None = None
 
 
 class GenerateError(RuntimeError):
@@ -74,9 +76,11 @@ class DecoderProgram:
     @classmethod
     def build(cls, model, tok=None, *, prompt_len: int = 64, max_context: int = 256, calibration=None,
               decode_steps: int = 8, alpha: float | None = None, vector_alpha: float | None = None,
-              exporter: str | None = None) -> "DecoderProgram":
+              exporter: str | None = None, digit_alpha: float | None = DECODER_DIGIT_ALPHA) -> "DecoderProgram":
         """Export, import, calibrate (float runs of ``calibration``: texts, chat message lists or
-        id lists; default :data:`weft.sw.accuracy.DECODER_CALIBRATION`) and quantize both graphs."""
+        id lists; default :data:`weft.sw.accuracy.DECODER_CALIBRATION`) and quantize both graphs.
+        ``digit_alpha``: None keeps the down projection's input int8; a number gives it two digits
+        with that per-channel smoothing (0: one scale per tensor)."""
         import time
 
         import torch
@@ -115,7 +119,8 @@ class DecoderProgram:
         def qopts(cal):
             return dict(method="max", channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                         vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
-                        amax=cal.amax, int32_outputs=["logits"])
+                        amax=cal.amax, int32_outputs=["logits"], digits=digit_alpha is not None,
+                        digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None)
 
         pqg = quantize(pg, {k: c / 127.0 for k, c in pcal.thresholds("max").items()}, **qopts(pcal))
         # decode: float steps of the decode graph, the past from the float model's own cache

@@ -378,8 +378,19 @@ def _int8_cache_integers(qg, values: dict, names) -> dict:
     return {n: np.rint(values[n].astype(np.float64) / float(qg.act_scales[n])).astype(np.int64) for n in names}
 
 
-@pytest.mark.parametrize("config_name", ["tiny", "default"])
-def test_decode_bundle_steps_equal_int8_reference(tiny_program, config_name):
+@pytest.fixture(scope="module")
+def tiny_program_digits(tiny):
+    """As ``tiny_program`` with a two-digit down-projection input, per channel."""
+    from weft.sw.generate import DecoderProgram
+
+    model, _ = tiny
+    return DecoderProgram.build(model, S.tiny_tokenizer(), prompt_len=T, max_context=CTX, digit_alpha=0.3,
+                                calibration=[list(range(3, 3 + T + 6)), list(range(40, 40 + T + 6))])
+
+
+@pytest.mark.parametrize("config_name, program", [("tiny", "tiny_program"), ("default", "tiny_program"),
+                                                  ("tiny", "tiny_program_digits")])
+def test_decode_bundle_steps_equal_int8_reference(request, config_name, program):
     """A prefill bundle on the bit-exact model, its cache copied unchanged into a decode-step
     bundle kept loaded in a DecodeSession, then 3 decode steps: every step's int32 logits and
     the whole in-place cache equal run_int8's (prefill graph, then the decode graph step by step
@@ -389,7 +400,9 @@ def test_decode_bundle_steps_equal_int8_reference(tiny_program, config_name):
     from weft.sw.decode_session import DecodeSession
     from weft.sw.generate import BundleBackend
 
-    prog = tiny_program
+    prog = request.getfixturevalue(program)
+    if program == "tiny_program_digits":
+        assert prog.prefill_qg.digits and prog.decode_qg.digits
     cfg = prog.model.cfg
     config = load_config(config_name)
     ins, outs = S.decode_io_names(cfg)
