@@ -556,10 +556,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if x in qg.wide:
                 raise QuantizeError(f"{n.name} (Linear): an int32 (wide) input is not supported")
             s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
-            if x in qg.digits and not isinstance(s_in, np.ndarray):
-                wq, ws = quantize_weight(w)
-                in_sc = s_in
-            elif isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
+            if isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
                 wq, ws = quantize_weight(w.astype(np.float64) * s_in[:, None])
                 in_sc = s_in
                 s_in = 1.0
