@@ -303,9 +303,16 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: int = 64,
-                     choices=(("max", 0.5, 1.0),), verbose: bool = True, prompts=None) -> dict:
+                     choices=None, verbose: bool = True, prompts=None) -> dict:
     """Teacher-forced agreement and perplexity of the int8 emulation (= the device) vs float
-    PyTorch for SmolLM2-135M-Instruct, per calibration choice ``(method, alpha, vector_alpha)``."""
+    PyTorch for SmolLM2-135M-Instruct, per calibration choice ``(method, alpha, vector_alpha[,
+    digit_alpha])`` (a digit alpha: two-digit down-projection input). Default: the decoder's
+    defaults (``weft.sw.generate``), and the same with an int8 down-projection input."""
+    from weft.sw.generate import DECODER_ALPHA, DECODER_DIGIT_ALPHA, DECODER_VECTOR_ALPHA
+
+    if choices is None:
+        choices = [("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, DECODER_DIGIT_ALPHA),
+                   ("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA)]
     import torch
 
     from weft.compiler.pipeline import limit_blas_threads
@@ -368,8 +375,9 @@ if __name__ == "__main__":  # pragma: no cover
     ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     ap.add_argument("--choice", action="append", default=None, metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA]",
-                    help="smollm2: calibration choice(s) to evaluate (default max,0.5,1.0); a fourth value gives "
-                         "the FFN down projection a two-digit input with that smoothing (0: one scale per tensor)")
+                    help="smollm2: calibration choice(s) to evaluate (default: the decoder's, with and without the "
+                         "two-digit input); a fourth value gives the FFN down projection a two-digit input with that "
+                         "smoothing (0: one scale per tensor)")
     a = ap.parse_args()
     if a.model == "smollm2":
         ch = [(c.split(",")[0], *(float(v) for v in c.split(",")[1:])) for c in a.choice] if a.choice else None

@@ -44,7 +44,8 @@ DEVICES = ("float", "int8", "golden")
 DECODER_ALPHA = 0.5
 DECODER_VECTOR_ALPHA = 1.0
 #: Two-digit (12-bit) down-projection input with this per-channel smoothing; None: int8.
-DECODER_DIGIT_ALPHA: float | None = None
+#: SmolLM2-135M: top-1 agreement 77.5% -> 82.8%, perplexity ratio 1.341x -> 1.168x (docs/compiler.md).
+DECODER_DIGIT_ALPHA: float | None = 0.3
 
 
 class GenerateError(RuntimeError):
