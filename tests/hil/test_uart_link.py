@@ -170,11 +170,16 @@ def test_dropped_and_corrupted_frames_are_retried(uart_twin):
 def test_bridge_memory_traffic_while_the_core_runs_a_gemm(uart_twin):
     """The bridge's memory master and the core's DMA share the memory port (AXI4Arbiter):
     UART memory writes and reads land while a GEMM runs, and both results are exact."""
+    from weft.compiler.perf import program_cost
     from weft.sim.golden import run_bundle
 
     t = UartTransport(uart_twin.client.uart_info().pty, timeout=2.0)
     dev = Device.open(t, TINY)
-    bundle, inputs = _gemm(np.random.default_rng(21), 64, 32, 64, int8=False)
+    bundle, inputs = _gemm(np.random.default_rng(21), 128, 128, 128, int8=False)
+    # The twin clocks the design while the line is active and for 2**16 cycles after (its
+    # --uart-linger default), then waits for the next frame. A GEMM well past that is still
+    # running when the host's next frame arrives however slow the host is.
+    assert program_cost(TINY, bundle.program)[-1] > 2 * 2**16
     dev.load_bundle(bundle)
     dev.write_inputs(inputs, bundle)
     dev.write_reg("WATCHDOG", 0)
@@ -183,7 +188,7 @@ def test_bridge_memory_traffic_while_the_core_runs_a_gemm(uart_twin):
     c0 = uart_twin.client.cycles()
     dev.start()
     t.write_mem(region, data[:t.max_payload])  # executed by the bridge while the core works
-    assert dev.status().busy, "the GEMM finished before the bridge's first memory write: make it longer"
+    assert dev.status().busy, "the GEMM finished before the bridge's first memory write"
     t.write_mem(region + t.max_payload, data[t.max_payload:])
     got = t.read_mem(region, len(data))
     dev.wait(timeout_s=120)
