@@ -137,7 +137,8 @@ def decode_step_estimate(config: AcceleratorConfig, shape: DecoderShape, context
             nbytes += 2 * L * shape.head_dim + 2 * shape.head_dim
         parts["vector"] += 2 * _vec_row_cycles(config, shape.hidden, "norm", p)  # two RMSNorms
         parts["vector"] += 2 * _vec_row_cycles(config, (shape.heads + shape.kv_heads) * shape.head_dim, "ew", p)  # RoPE
-        parts["vector"] += 2 * _vec_row_cycles(config, shape.ffn, "ew", p)  # SiLU, mul
+        # the gate's widening, SiLU, mul, the digit split (factors, hi, -16 hi, lo)
+        parts["vector"] += 7 * _vec_row_cycles(config, shape.ffn, "ew", p)
         parts["vector"] += 2 * _vec_row_cycles(config, shape.hidden, "ew", p)  # residual adds
     parts["vector"] += _vec_row_cycles(config, shape.hidden, "norm", p)
     c, b = _gemv_cycles(config, shape.hidden, shape.vocab, p, output="int32")

@@ -46,8 +46,8 @@ def tiny_q(tiny):
     model, graph = tiny
     rng = np.random.default_rng(0)
     cal = [{"input_ids": rng.integers(3, 259, (1, T))} for _ in range(6)]
-    # decoders keep the int8 FFN input (as DecoderProgram does): one digit scale per tensor loses
-    # to per-channel int8 on SmolLM2's SwiGLU outputs (docs/compiler.md)
+    # the int8 FFN input (the two-digit ones: test_rmsnorm_swiglu_bundle_equals_int8_reference and
+    # the decode bundle tests)
     return quantize_for_device(graph, cal, int32_outputs=["logits"], digits=False)
 
 
@@ -274,6 +274,8 @@ def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digi
     qg = quantize_for_device(g, cal, digits=bool(digits), alpha=0.3,  # on this random block 0.3 tracks float best
                              digit_alpha=0.3 if digits == "per-channel" else 0.0)
     assert bool(qg.digits) == bool(digits)  # the SwiGLU output feeds only the down projection
+    swiglu, = qg.swiglus.values()  # per-channel gate (widened) and up, smoothed like a Linear's input
+    assert swiglu.gate.kind == "widen" and isinstance(swiglu.up_scale, np.ndarray)
     config = load_config(config_name)
     bundle = lower(qg, config, model="ffn")
     feeds = {"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)}
