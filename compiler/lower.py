@@ -380,25 +380,24 @@ class _Lowerer:
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         rec = self.softmax_records[node.name]
         ctx = self.new_tensor(node.outputs[0], Sq, v.cols, 1)
-        words = np.broadcast_to(np.asarray(p.scale_words, dtype=np.int64), (H * dv,))
-        params = np.zeros((H, 2, dv), dtype=np.int32)
-        params[:, 1, :] = words.reshape(H, dv)
-        pv_params = self.const(f"{node.name}.pv_params", params)
+        digits = p.prob_digits
+        pv_params, per_head = self.pv_params(node, p.scale_words, H, dv, digits)
         scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
-        probs = self.scratch(node.name + ".probs", Sq * Skv)
+        probs = self.scratch(node.name + ".probs", Sq * Skv * (2 if digits else 1))
         for h in range(H):
             self.attention_head(node, h, Sq=Sq, Skv=Skv, dk=dh, dv=dv, q_h=(q.address + h * dh, q.stride),
                                 k_g=(k.address + h * dh, k.stride), v_g=(v.address + h * dv, v.stride),
                                 ctx_h=(ctx.address + h * dv, ctx.stride), scores=scores, probs=probs, rec=rec,
-                                pv_params=pv_params + h * 2 * dv * 4, qk_note=f"head {h}",
-                                softmax_note=f", keys < {mask}" if mask else "")
+                                pv_params=pv_params + h * per_head, qk_note=f"head {h}",
+                                softmax_note=f", keys < {mask}" if mask else "", digits=digits)
         self.free += [scores, probs]
 
     def attention_head(self, node: Node, h: int, *, Sq: int, Skv: int, dk: int, dv: int, q_h, k_g, v_g, ctx_h,
                        scores, probs, rec: int, pv_params: int, qk_note: str, softmax_note: str = "",
-                       causal: bool = False) -> None:
+                       causal: bool = False, digits: bool = False) -> None:
         """One head's three kernels: ``q_h k_g^T`` (int32 scores), the softmax into int8
-        probabilities, ``P v_g`` requantized into the head's context columns. ``q_h``, ``k_g``,
+        probabilities (``digits``: a wide softmax split into two int8 planes, ``probs`` holding
+        both), ``P v_g`` requantized into the head's context columns. ``q_h``, ``k_g``,
         ``v_g``, ``ctx_h``: (device address of the head's first element, row stride in bytes) of
         query head h, of the key / value head g it reads (h itself without grouping) and of its
         context columns."""
@@ -408,12 +407,25 @@ class _Lowerer:
         self.emit_kernel(f"{node.name}.h{h}.qk", node, body, f"{qk_note}: q k^T {Sq}x{Skv}x{dk} (int32)",
                          self.last_drain)
         self.emit_kernel(f"{node.name}.h{h}.softmax", node,
-                         self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal),
-                         f"head {h}: softmax {Sq}x{Skv}{softmax_note}")
+                         self.softmax_kernel(node, Sq, Skv, scores.address, probs.address, rec, causal=causal,
+                                             digits=digits),
+                         f"head {h}: softmax {Sq}x{Skv}{softmax_note}" + (", two-digit output" if digits else ""))
         body = self.gemm(node, M=Sq, N=dv, K=Skv, a_addr=probs.address, a_stride=Skv,
                          b_addr=v_g[0], b_stride=v_g[1], out_addr=ctx_h[0],
-                         out_stride=ctx_h[1], params_addr=pv_params)
-        self.emit_kernel(f"{node.name}.h{h}.pv", node, body, f"head {h}: P v {Sq}x{dv}x{Skv}", self.last_drain)
+                         out_stride=ctx_h[1], params_addr=pv_params, a_plane=Sq * Skv if digits else 0)
+        self.emit_kernel(f"{node.name}.h{h}.pv", node, body,
+                         f"head {h}: P v {Sq}x{dv}x{Skv}" + (", two-digit P" if digits else ""), self.last_drain)
+
+    def pv_params(self, node: Node, words: np.ndarray, heads: int, dv: int, digits: bool) -> tuple[int, int]:
+        """REQUANT words of each head's ``P v`` (``words``: one per context column, heads * dv),
+        laid out per head as the GEMM reads them (with the digit-combining row for two-digit P).
+        Returns (address of head 0's block, bytes per head)."""
+        words = np.broadcast_to(np.asarray(words, dtype=np.int64), (heads * dv,)).reshape(heads, dv)
+        if digits:
+            blocks = [digit_gemm_params(self.cfg, np.zeros(dv, np.int64), words[h]) for h in range(heads)]
+        else:
+            blocks = [np.stack([np.zeros(dv, np.int64), words[h]]).astype(np.int32) for h in range(heads)]
+        return self.const(f"{node.name}.pv_params", np.stack(blocks)), blocks[0].size * 4
 
     # ------------------------------------------------------------------ head views (layout ops)
     def lower_layout(self, node: Node) -> None:
@@ -608,11 +620,10 @@ class _Lowerer:
         rec = self.softmax_records[node.name]
         ctx = self.new_tensor(node.outputs[0], Sq, H * D, 1)
         self.views[node.outputs[0]] = ("heads", H, D)
-        params = np.zeros((2, D), dtype=np.int32)
-        params[1, :] = np.broadcast_to(np.asarray(p.scale_words, dtype=np.int64), (D,))
-        pv_params = self.const(f"{node.name}.pv_params", params)
+        digits = p.prob_digits
+        pv_params, _ = self.pv_params(node, np.broadcast_to(np.asarray(p.scale_words, np.int64), (D,)), 1, D, digits)
         scores = self.scratch(node.name + ".scores", Sq * Skv * 4)
-        probs = self.scratch(node.name + ".probs", Sq * Skv)
+        probs = self.scratch(node.name + ".probs", Sq * Skv * (2 if digits else 1))
         causal = bool(node.attrs.get("causal"))
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         note = " causal" if causal else ""
@@ -623,13 +634,13 @@ class _Lowerer:
             # share each key / value tile the array preloads (G rows per PRELOAD instead of 1).
             self.free += [scores, probs]
             scores = self.scratch(node.name + ".scores", G * Skv * 4)
-            probs = self.scratch(node.name + ".probs", G * Skv)
+            probs = self.scratch(node.name + ".probs", G * Skv * (2 if digits else 1))
             for g in range(KV):
                 self.attention_head(node, g * G, Sq=G, Skv=Skv, dk=D, dv=D, q_h=(q.address + g * G * D, D),
                                     k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
                                     ctx_h=(ctx.address + g * G * D, D), scores=scores, probs=probs, rec=rec,
                                     pv_params=pv_params, qk_note=f"heads {g * G}..{g * G + G - 1} (kv {g})",
-                                    softmax_note=note)
+                                    softmax_note=note, digits=digits)
         else:
             for h in range(H):
                 g = h // G
@@ -637,19 +648,27 @@ class _Lowerer:
                                     k_g=kv_head(k, kinds[1], g), v_g=kv_head(v, kinds[2], g),
                                     ctx_h=(ctx.address + h * D, ctx.stride), scores=scores, probs=probs, rec=rec,
                                     pv_params=pv_params, qk_note=f"head {h} (kv {g})", softmax_note=note,
-                                    causal=causal)
+                                    causal=causal, digits=digits)
         self.free += [scores, probs]
 
-    def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False) -> list[Instruction]:
+    def softmax_kernel(self, node, Sq, Skv, scores_addr, probs_addr, rec_addr, causal: bool = False,
+                       digits: bool = False) -> list[Instruction]:
+        """``vrow softmax`` over query-row chunks: int32 scores in, int8 probabilities out. With
+        ``digits`` the softmax is wide (int32 at 1/2047 in the accumulator) and the chunk is split
+        as ``digit_kernel`` does (``hi = vmap scale(p, 1/16)``, ``-16 hi`` by ``vbin mul`` with
+        rows of -16 held in the scratchpad for the whole kernel, ``lo = vbin add(p, -16 hi)``);
+        hi and lo go to two planes ``Sq * Skv`` bytes apart."""
         n_acc = -(-Skv // self.E_acc)
         n_sp = -(-Skv // self.E_sp)
         what = f"softmax over {Skv} keys"
-        m = self.chunk(node, Sq, acc_fixed=1, acc_per_row=n_acc, sp_per_row=n_sp, what=what)
+        fixed = 2 if digits else 0  # the split's parameter rows
+        acc_row, sp_row = (2 * n_acc, 3 * n_sp) if digits else (n_acc, n_sp)  # + probabilities; + -16 rows, lo
+        m = self.chunk(node, Sq, acc_fixed=1 + fixed, acc_per_row=acc_row, sp_per_row=sp_row, what=what)
         nrec = 1
         if causal:  # the causal offset counts from each chunk's first row: one record per chunk
             for _ in range(4):
                 nrec = -(-Sq // m)
-                m2 = self.chunk(node, Sq, acc_fixed=nrec, acc_per_row=n_acc, sp_per_row=n_sp, what=what)
+                m2 = self.chunk(node, Sq, acc_fixed=nrec + fixed, acc_per_row=acc_row, sp_per_row=sp_row, what=what)
                 if -(-Sq // m2) <= nrec:
                     m = m2
                     break
@@ -666,17 +685,44 @@ class _Lowerer:
             for c in range(nrec):
                 recs[c, :3] = [word, kv, off + c * m]
             body = [_ld(Mem.ACC, 0, self.const(f"{node.name}.softmax_records", recs), nrec, 3, self.E_acc * 4)]
+        neg = hi_at = 0
+        if digits:  # the split's words (after the records) and m * n_sp rows of -16, loaded once
+            key = ("softmax_digits", self.E_acc)
+            if key not in self.shared_consts:
+                self.shared_consts[key] = self.const("softmax.digit_words", np.vstack(
+                    [param_rows([DIGIT_HI_WORD], self.E_acc), param_rows([UNIT_WORD, UNIT_WORD], self.E_acc)]))
+            body.append(_ld(Mem.ACC, nrec, self.shared_consts[key], 2, self.E_acc, self.E_acc * 4))
+            key = ("softmax_neg", m * n_sp, self.E_sp)
+            if key not in self.shared_consts:
+                self.shared_consts[key] = self.const(f"softmax.neg{DIGIT_BASE}.{m * n_sp}",
+                                                     np.full((m * n_sp, self.E_sp), -DIGIT_BASE, dtype=np.int8))
+            body.append(_ld(Mem.SP, 0, self.shared_consts[key], m * n_sp, self.E_sp, self.E_sp))
+            src, hi_at = nrec + 2, m * n_sp
+        plane = Sq * Skv
         for c, r0 in enumerate(range(0, Sq, m)):
             prm = c if nrec > 1 else 0
             mc = min(m, Sq - r0)
             loads = [_ld(Mem.ACC, src + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
                          min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
             body += _tokens_first_last(loads, {V} if c else set(), {V})
-            vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
-                                    rows=mc, len=Skv, causal=int(causal), unsigned=0)]
+            if digits:
+                p_at, lo_at, rows = src + n_acc * mc, hi_at + n_sp * mc, n_acc * mc
+                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=p_at, param=prm,
+                                        rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1),
+                       Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=p_at, dst_mem=Mem.SP,
+                                        dst=hi_at, param=nrec, rows=rows),
+                       Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.SP, a=hi_at, b_mem=Mem.SP, b=neg,
+                                        dst_mem=Mem.ACC, dst=src, param=nrec + 1, rows=rows),
+                       Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=p_at, b_mem=Mem.ACC, b=src,
+                                        dst_mem=Mem.SP, dst=lo_at, param=nrec + 1, rows=rows)]
+                outs = ((hi_at, 0), (lo_at, plane))
+            else:
+                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
+                                        rows=mc, len=Skv, causal=int(causal), unsigned=0)]
+                outs = ((0, 0),)
             body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
-            stores = [_st(Mem.SP, s * mc, probs_addr + r0 * Skv + s * self.E_sp, mc,
-                          min(self.E_sp, Skv - s * self.E_sp), Skv) for s in range(n_sp)]
+            stores = [_st(Mem.SP, at + s * mc, probs_addr + off + r0 * Skv + s * self.E_sp, mc,
+                          min(self.E_sp, Skv - s * self.E_sp), Skv) for at, off in outs for s in range(n_sp)]
             body += _tokens_first_last(stores, {V}, {V})
         return body
 

@@ -214,7 +214,7 @@ def _vector_cycles(ins, config: AcceleratorConfig, p: TimingParams) -> int:
     E = config.acc_row_elems if a.get("src_mem", 1) else config.sp_row_elems
     slices = -(-int(a["len"]) // E)
     if func == "softmax":
-        per = 3 * slices + 56.5
+        per = 3 * slices + 56.5 + (3 if a.get("wide") else 0)  # a wide reciprocal: 43 division steps, not 40
     elif func in ("layernorm", "rmsnorm"):
         per = 5 * slices + 106.5
     else:

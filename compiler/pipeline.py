@@ -25,7 +25,8 @@ from .quantize import Calibrator, QuantizedGraph, quantize
 from .reference import float_kernel, key_lengths
 
 __all__ = ["limit_blas_threads", "CompileResult", "quantize_for_device", "compile_onnx", "compile_graph", "host_graph", "host_inputs", "device_outputs",
-           "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA", "DEFAULT_DIGITS", "DEFAULT_DIGIT_ALPHA"]
+           "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA", "DEFAULT_DIGITS", "DEFAULT_DIGIT_ALPHA",
+           "DEFAULT_PROB_DIGITS"]
 
 #: Calibration defaults (see docs/compiler.md for the measurements behind them).
 DEFAULT_METHOD = "max"
@@ -33,6 +34,7 @@ DEFAULT_ALPHA = 0.4  # per-channel smoothing of tensors a Linear reads (folded i
 DEFAULT_VECTOR_ALPHA = 0.6  # per-channel scales of tensors only vector ops read (widened to int32)
 DEFAULT_DIGITS = True  # two-digit (12-bit) FFN down-projection inputs (quantize.digit_values)
 DEFAULT_DIGIT_ALPHA = 0.0  # their smoothing: 0, one scale per tensor (MiniLM: mean cosine 0.9952 vs 0.9943 at 0.4)
+DEFAULT_PROB_DIGITS = False  # two-digit attention probabilities (a wide softmax) instead of int8 at 1/127
 
 
 def limit_blas_threads(threads: int = 1) -> bool:
@@ -73,7 +75,8 @@ class CompileResult:
 def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]], *, method: str = DEFAULT_METHOD,
                         alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA,
                         int32_outputs=(), fixed_scales=None, digits: bool = DEFAULT_DIGITS,
-                        digit_alpha: float = DEFAULT_DIGIT_ALPHA) -> QuantizedGraph:
+                        digit_alpha: float = DEFAULT_DIGIT_ALPHA,
+                        prob_digits: bool = DEFAULT_PROB_DIGITS) -> QuantizedGraph:
     """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
     cal = Calibrator(graph)
     for feeds in batches:
@@ -83,7 +86,8 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
                     channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                     vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
                     amax=cal.amax, int32_outputs=int32_outputs, fixed_scales=fixed_scales, digits=digits,
-                    digit_channel_scales=cal.channel_scales(digit_alpha) if digits and digit_alpha > 0 else None)
+                    digit_channel_scales=cal.channel_scales(digit_alpha) if digits and digit_alpha > 0 else None,
+                    prob_digits=prob_digits)
 
 
 def compile_graph(graph: Graph, config: AcceleratorConfig, batches, *, model: str = "",

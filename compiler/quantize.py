@@ -33,7 +33,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from weft.hw.vector_numerics import (add_params, fixed_point_scale, gelu_params, layernorm_params, mul_params,
-                                     pack_scale_word, rmsnorm_params, rope_params, silu_params, softmax_params)
+                                     pack_scale_word, rmsnorm_params, rope_params, silu_params, softmax_output_scale,
+                                     softmax_params)
 
 from .ir import Graph, Node
 from .reference import DIGIT_FINE_SHIFT, DIGIT_MAX, run_float
@@ -42,7 +43,9 @@ __all__ = ["QuantizeError", "CALIBRATION_METHODS", "LinearParams", "MatMulParams
            "VecIn", "NormParams", "GeluParams", "AddParams", "QuantizedGraph", "Calibrator", "calibrate", "quantize", "quantize_weight", "scale_words"]
 
 CALIBRATION_METHODS = ("max", "percentile", "mse")
-PROB_SCALE = 1.0 / 127.0
+PROB_SCALE = softmax_output_scale(False)
+#: Two-digit probabilities (``quantize(prob_digits=True)``): a wide softmax's step.
+PROB_DIGIT_SCALE = softmax_output_scale(False, wide=True)
 #: A wide residual sum's int32 scale is the finer operand's scale / 2**WIDE_ADD_SHIFT.
 WIDE_ADD_SHIFT = 4
 #: A host-computed LayerNorm input (the embedding sum) goes to the device as int32 with its
@@ -99,6 +102,7 @@ class AttentionParams:
     scale_words: np.ndarray  # int32 [1] or [H*Dh]: P @ v -> context
     score_scale: float = 0.0  # real value of one unit of the int32 scores q k^T (attention scale included)
     softmax_word: int = 0  # vrow softmax scale word (softmax_params)
+    prob_digits: bool = False  # wide softmax (1/2047) split into two int8 digits for P v
 
 
 @dataclass
@@ -169,8 +173,9 @@ class RopeParams:
 @dataclass
 class GQAParams:
     """Grouped-query attention: int8 q, k, v per tensor; int32 scores at ``score_scale``;
-    ``vrow softmax`` (causal and/or kv_len masks) -> int8 probabilities at 1/127; ``P v``
-    requantized with ``scale_words`` to ``out_scale``."""
+    ``vrow softmax`` (causal and/or kv_len masks) -> int8 probabilities at 1/127, or with
+    ``prob_digits`` int32 at 1/2047 split into two int8 digits; ``P v`` requantized with
+    ``scale_words`` to ``out_scale``."""
 
     q_scale: float
     k_scale: float
@@ -179,6 +184,7 @@ class GQAParams:
     score_scale: float
     softmax_word: int
     scale_words: np.ndarray
+    prob_digits: bool = False
 
 
 @dataclass
@@ -446,7 +452,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
              vector_channel_scales: Mapping[str, np.ndarray] | None = None,
              amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
              fixed_scales: Mapping[str, float] | None = None, digits: bool = False,
-             digit_channel_scales: Mapping[str, np.ndarray] | None = None) -> QuantizedGraph:
+             digit_channel_scales: Mapping[str, np.ndarray] | None = None,
+             prob_digits: bool = False) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -461,7 +468,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     two-digit tensors at ``amax / DIGIT_MAX`` (per tensor), or per channel when
     ``digit_channel_scales`` (int8-style scales, e.g. ``Calibrator.channel_scales(alpha)``) has
     them: the same smoothing at 12 bits, folded into the Linear's weight rows
-    (:func:`_digit_scales`)."""
+    (:func:`_digit_scales`). ``prob_digits``: attention probabilities from a wide softmax
+    (int32 at 1/2047) held as two int8 digits through ``P v`` instead of int8 at 1/127."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -611,12 +619,13 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         elif n.op == "Attention":
             sq, sk, sv = (tensor_scale(i, n) for i in n.inputs[:3])
             so = need(n.outputs[0], n)
-            prob = 1.0 / 127.0
+            prob = PROB_DIGIT_SCALE if prob_digits else PROB_SCALE
             score_scale = sq * sk * float(n.attrs["scale"])
             word = int(softmax_params(score_scale, kv_len=0, cols=3)[0, 0])
             qg.attentions[n.name] = AttentionParams(sq, sk, sv, so, prob,
                                                     scale_words(prob * sv / np.atleast_1d(so)),
-                                                    score_scale=score_scale, softmax_word=word)
+                                                    score_scale=score_scale, softmax_word=word,
+                                                    prob_digits=prob_digits)
         elif n.op == "LayerNorm":
             x = n.inputs[0]
             gamma = graph.consts[n.inputs[1]]
@@ -647,7 +656,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             so = tensor_scale(n.outputs[0], n)
             score_scale = sq * sk * float(n.attrs["scale"])
             word = int(softmax_params(score_scale, kv_len=0, cols=3)[0, 0])
-            qg.gqas[n.name] = GQAParams(sq, sk, sv, so, score_scale, word, scale_words(PROB_SCALE * sv / so))
+            prob = PROB_DIGIT_SCALE if prob_digits else PROB_SCALE
+            qg.gqas[n.name] = GQAParams(sq, sk, sv, so, score_scale, word, scale_words(prob * sv / so), prob_digits)
         elif n.op == "SwiGLU":
             gate = vec_in(n.inputs[0], n)  # int8 per tensor, or per channel widened to int32
             if gate.kind not in ("int8", "widen"):

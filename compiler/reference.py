@@ -418,11 +418,19 @@ def key_lengths(mask: np.ndarray | None, batch: int, kv: int) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
+def _prob_gemm(probs: np.ndarray, v: np.ndarray, digits: bool) -> np.ndarray:
+    """``P v``: int8 probabilities through the array, or a wide softmax's (0..2047) split into two
+    int8 digits and combined as ``16 acc_hi + acc_lo`` (:func:`digit_gemm`)."""
+    if digits:
+        return digit_gemm(digit_split(probs, 1.0).digits, v)
+    return _int_gemm(probs.astype(np.int8), v)
+
+
 @register_int8_op("Attention")
 def _int8_attention(qg, node: Node, q, k, v, mask=None):
     """Per head: scores = q_h k_h^T (int8 GEMM, int32 out), the vector unit's integer softmax
-    (``vrow softmax``, key-padding mask by length, int8 probabilities at 1/127),
-    ctx = P v_h (int8 GEMM, requantized per output channel)."""
+    (``vrow softmax``, key-padding mask by length, int8 probabilities at 1/127 or two-digit at
+    1/2047), ctx = P v_h (int8 GEMM, requantized per output channel)."""
     p = qg.attentions[node.name]
     qq, kq, vq = _as_q(q, p.q_scale), _as_q(k, p.k_scale), _as_q(v, p.v_scale)
     H = node.attrs["num_heads"]
@@ -433,11 +441,11 @@ def _int8_attention(qg, node: Node, q, k, v, mask=None):
     vh = vq.q.reshape(B, Skv, H, vq.q.shape[2] // H).transpose(0, 2, 1, 3)
     scores = _int_gemm(qh, kh.transpose(0, 1, 3, 2))
     lengths = key_lengths(None if mask is None else _as_float(mask), B, Skv)
-    probs = np.empty(scores.shape, dtype=np.int8)
+    probs = np.empty(scores.shape, dtype=np.int64)
     for b in range(B):
         valid = softmax_mask(S, Skv, int(lengths[b]), False, 0)
-        probs[b] = softmax_rows(scores[b], p.softmax_word, valid[None], unsigned=False)
-    acc = _int_gemm(probs, vh)
+        probs[b] = softmax_rows(scores[b], p.softmax_word, valid[None], wide=p.prob_digits)
+    acc = _prob_gemm(probs, vh, p.prob_digits)
     words = p.scale_words
     if words.size > 1:  # per output channel c = h * dh + j
         words = words.reshape(H, 1, -1)
@@ -560,8 +568,8 @@ def _int8_rope(qg, node: Node, x, cos, sin):
 @register_int8_op("GQAttention")
 def _int8_gqa(qg, node: Node, q, k, v, mask=None):
     """Per KV head g, its G query heads stacked as G*S rows: scores = q k_g^T (int8 GEMM, int32),
-    ``vrow softmax`` (causal offset and/or kv_len prefix), int8 probabilities at 1/127,
-    ctx = P v_g requantized."""
+    ``vrow softmax`` (causal offset and/or kv_len prefix), int8 probabilities at 1/127 or
+    two-digit at 1/2047, ctx = P v_g requantized."""
     p = qg.gqas[node.name]
     qq, kq, vq = _as_q(q, p.q_scale), _as_q(k, p.k_scale), _as_q(v, p.v_scale)
     B, H, S, D = qq.q.shape
@@ -576,8 +584,8 @@ def _int8_gqa(qg, node: Node, q, k, v, mask=None):
         if not causal and not np.all(m == (np.arange(Skv) < lengths[..., None])):
             raise ExecutionError(f"{node.name}: attention mask is not a key prefix (kv_len) per row")
     valid = np.broadcast_to(valid, (B, KV, G, S, Skv)).reshape(B, KV, G * S, Skv)
-    probs = softmax_rows(scores, p.softmax_word, valid, unsigned=False).astype(np.int8)
-    acc = _int_gemm(probs, vq.q)
+    probs = softmax_rows(scores, p.softmax_word, valid, wide=p.prob_digits)
+    acc = _prob_gemm(probs, vq.q, p.prob_digits)
     out = requantize(acc, np.zeros(1, np.int64), p.scale_words)
     return QTensor(out.reshape(B, H, S, D), p.out_scale)
 

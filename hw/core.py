@@ -130,7 +130,8 @@ class Core(wiring.Component):
         connect(m, vec.acc_read, acc.read0)
         connect(m, store.acc_read, acc.read1)
         # The array cannot stall, so its rows own the update port; LOAD rows use the gaps.
-        # Vector results bound for the accumulator (vbin/vmap dst=acc, vrow max/sum) come next.
+        # Vector results bound for the accumulator (vbin/vmap dst=acc, vrow max/sum,
+        # a wide vrow softmax) come next.
         with m.If(mm.acc_update.valid):
             m.d.comb += [acc.update.valid.eq(1), acc.update.addr.eq(mm.acc_update.addr),
                          acc.update.data.eq(mm.acc_update.data), acc.update.accumulate.eq(mm.acc_update.accumulate)]

@@ -307,12 +307,17 @@ _SPECS = (
                   VROW_FUNCS),
             _mem_field("src_mem", "memory of the input tensor"),
             Field("src", 20, Kind.ADDR, "first row of the input tensor (slice-major)"),
-            Field("dst", 20, Kind.ADDR, "first row of the result: accumulator for max/sum, scratchpad otherwise"),
+            Field("dst", 20, Kind.ADDR, "first row of the result: accumulator for max/sum and a wide softmax, "
+                                        "scratchpad otherwise"),
             Field("param", 20, Kind.ADDR, "accumulator row of the parameters (unused by max/sum)"),
             Field("rows", 16, Kind.UINT, "logical rows M (0 does nothing)"),
             Field("len", 16, Kind.UINT, "logical row length L, 1..65535"),
             Field("causal", 1, Kind.BOOL, "softmax: also mask keys j > r + offset"),
             Field("unsigned", 1, Kind.BOOL, "softmax: uint8 output (scale 1/255) instead of int8 (scale 1/127)"),
+            Field("wide", 1, Kind.BOOL, "softmax: int32 probabilities at scale 1/2047 (values 0..2047) written to "
+                                        "accumulator rows at dst (slice-major with the accumulator's row width) "
+                                        "instead of int8/uint8 to the scratchpad; takes precedence over `unsigned`; "
+                                        "ignored by the other functions"),
         ),
         "Row-wise operation over a logical [rows, len] tensor: reductions, softmax, LayerNorm, RMSNorm.",
         "Tensors are slice-major: with E the row width of the memory (array.cols for `acc`, sp_row_elems "
@@ -321,11 +326,12 @@ _SPECS = (
         "`max`/`sum`: acc[dst + r][0] = max / int32-saturated sum of row r, the row's other elements 0. "
         "`softmax` (int32 input in `acc`): P = [scale word, kv_len, offset]; key j of row r is valid "
         "when j < kv_len and (causal = 0 or j <= r + offset), signed compares; output probabilities "
-        "(Q = 127 or 255 for 1.0) to the scratchpad tensor at dst, 0 for masked keys and for rows with "
-        "no valid key. `layernorm`/`rmsnorm`: parameter rows: row param holds the shift sh (16..40); "
+        "(Q = 127 or 255 for 1.0) to the scratchpad tensor at dst, or with `wide` (Q = 2047) as int32 to the "
+        "accumulator tensor at dst, 0 for masked keys and for rows with no valid key. "
+        "`layernorm`/`rmsnorm`: parameter rows: row param holds the shift sh (16..40); "
         "the next ceil(len/array.cols) rows the gains G; for layernorm the next as many the biases B; "
         "int8 output to the scratchpad tensor at dst. Elements from len on of the last output slice "
-        "become 0. dst must equal or not overlap src when both are in the scratchpad. Exact integer "
+        "become 0. dst must equal or not overlap src when both are in the same memory. Exact integer "
         "algorithms in docs/numerics.md.",
     ),
 )

@@ -20,10 +20,12 @@ so backpressure on the write side never loses data.
 **Row operations** walk a logical row's slices (slice-major: slice ``c`` of row ``r`` at
 ``base + c * rows + r``) in passes: pass 1 reduces (max, min, sum, max |x|, masked max
 for softmax); max/sum write their result; softmax's pass 2 sums the exponentials, then
-one sequential (restoring, 1 bit per cycle) division gives the reciprocal and pass 3
-writes the probabilities; layernorm/rmsnorm's pass 2 sums e^2, then one digit-by-digit
-integer square root (32 cycles) and one division (57 cycles), and pass 3 reads gain (and
-bias) rows and writes the output. The pipeline drains between passes of a row; pass 3 of
+one sequential (restoring, 1 bit per cycle) division gives the reciprocal (40 cycles; 43
+for a ``wide`` softmax, whose 11-bit Q = 2047 needs 3 more quotient bits, so its rows take
+3 cycles more each) and pass 3 writes the probabilities (int8/uint8 to the scratchpad; a
+wide softmax writes int32 to the accumulator); layernorm/rmsnorm's pass 2 sums e^2, then
+one digit-by-digit integer square root (32 cycles) and one division (57 cycles), and pass
+3 reads gain (and bias) rows and writes the output. The pipeline drains between passes of a row; pass 3 of
 row r overlaps pass 1 of row r+1.
 
 Illegal vector instructions (reserved ``func``, ``len = 0``, ``mul``/``rope`` with both
@@ -199,6 +201,7 @@ class RowEngine(wiring.Component):
         C = Signal(17)  # slices per logical row
         causal = Signal()
         usgn = Signal()
+        wide = Signal()  # softmax only: Q = 2047, int32 results to the accumulator
         w0 = Signal(32)
         w1 = Signal(32)
         w2 = Signal(32)
@@ -289,7 +292,8 @@ class RowEngine(wiring.Component):
         m.d.comb += self.issue.ready.eq(~busy)
         fire = self.issue.valid & self.issue.ready
 
-        q_val = Mux(usgn, 255, 127)
+        # Softmax output levels Q (probability 1.0); 11 bits hold the wide mode's 2047.
+        q_val = ar.sig(unsigned(11), "q_val", Mux(wide, vn.SOFTMAX_WIDE_LEVELS, Mux(usgn, 255, 127)))
 
         def start_pass(p, r_next_addr_src, r_next_addr_dst):
             return [pas.eq(p), c.eq(0), j0.eq(0), sub.eq(0),
@@ -319,7 +323,8 @@ class RowEngine(wiring.Component):
                             a_acc.eq(Mux(is_vbin, vb.a_mem, Mux(is_vmap, vm.src_mem, vr.src_mem))),
                             b_acc.eq(vb.b_mem),
                             dst_acc.eq(Mux(is_vbin, vb.dst_mem, Mux(is_vmap, vm.dst_mem,
-                                                                     (vr.func == F_MAX) | (vr.func == F_SUM)))),
+                                                                     (vr.func == F_MAX) | (vr.func == F_SUM)
+                                                                     | ((vr.func == F_SOFTMAX) & vr.wide)))),
                             a_base.eq(Mux(is_vbin, vb.a, Mux(is_vmap, vm.src, vr.src))),
                             b_base.eq(vb.b),
                             d_base.eq(Mux(is_vbin, vb.dst, Mux(is_vmap, vm.dst, vr.dst))),
@@ -329,6 +334,7 @@ class RowEngine(wiring.Component):
                             C.eq((Lx + (E - 1)) >> log2e),
                             causal.eq(vr.causal),
                             usgn.eq(vr.unsigned),
+                            wide.eq(is_vrow & (vr.func == F_SOFTMAX) & vr.wide),
                             i_row.eq(0),
                             sub.eq(0),
                         ]
@@ -392,8 +398,11 @@ class RowEngine(wiring.Component):
                     with m.If(pas == 1):
                         m.next = "KSTATE"
                     with m.Elif(func == F_SOFTMAX):
-                        m.d.sync += [div_sr.eq(q_val << 56), div_den.eq(Mux(S_sum == 0, 1, S_sum)),
-                                     div_rem.eq(0), div_q.eq(0), div_cnt.eq(40)]
+                        # R = floor(Q * 2^32 / S): the numerator's bits from 63 down, Q at the top
+                        # (8 bits: 40 steps; wide, 11 bits: 43 steps).
+                        m.d.sync += [div_sr.eq(Mux(wide, q_val << 53, q_val << 56)),
+                                     div_den.eq(Mux(S_sum == 0, 1, S_sum)),
+                                     div_rem.eq(0), div_q.eq(0), div_cnt.eq(Mux(wide, 43, 40))]
                         m.next = "DIV"
                     with m.Else():
                         m.d.sync += [sq_op.eq(V_sum << 16), sq_res.eq(0), sq_one.eq(1 << 62), sq_cnt.eq(32),

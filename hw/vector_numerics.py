@@ -43,7 +43,7 @@ __all__ = [
     "PQTable", "EXP2_TABLE", "GELU_TABLE", "SILU_TABLE", "pq_eval",
     "EXP_FRAC_BITS", "PQ_FRAC_BITS", "PQ_OUT_BITS", "SOFTMAX_RECIP_BITS",
     "NORM_Z_BITS", "NORM_SHIFT_MIN", "NORM_SHIFT_MAX", "ADD_ALIGN_MAX",
-    "softmax_output_scale",
+    "softmax_output_scale", "softmax_levels", "SOFTMAX_WIDE_LEVELS",
     "vec_add", "vec_mul", "vec_rope", "vec_scale", "vec_gelu", "vec_silu",
     "row_max", "row_sum", "softmax_rows", "layernorm_rows", "rmsnorm_rows",
     "softmax_mask",
@@ -62,6 +62,10 @@ PQ_OUT_BITS = 15
 EXP_FRAC_BITS = 17
 #: Softmax reciprocal: R = floor(Q * 2^32 / sum).
 SOFTMAX_RECIP_BITS = 32
+#: Levels of a wide softmax (``vrow softmax`` with ``wide``): int32 probabilities at 1/2047 in the
+#: accumulator, 16x the resolution of int8 and exactly the range of a two-digit tensor
+#: (``16 hi + lo``, both int8), so ``P v`` can stream them as two int8 planes.
+SOFTMAX_WIDE_LEVELS = 2047
 #: Normalised value z' = e / sqrt(V) in Q.20 (|z'| <= 1).
 NORM_Z_BITS = 20
 NORM_SHIFT_MIN, NORM_SHIFT_MAX = 16, 40
@@ -367,9 +371,14 @@ def row_sum(x) -> np.ndarray:
     return saturate(np.asarray(x, dtype=np.int64).sum(axis=-1), INT32)
 
 
-def softmax_output_scale(unsigned: bool) -> float:
-    """Real value of one output step: 1/255 (uint8 output) or 1/127 (int8 output)."""
-    return 1.0 / (255 if unsigned else 127)
+def softmax_levels(unsigned: bool = False, wide: bool = False) -> int:
+    """The output value of probability 1: 2047 (``wide``, int32), 255 (uint8) or 127 (int8)."""
+    return SOFTMAX_WIDE_LEVELS if wide else 255 if unsigned else 127
+
+
+def softmax_output_scale(unsigned: bool, wide: bool = False) -> float:
+    """Real value of one output step: 1/2047 (``wide``), 1/255 (uint8) or 1/127 (int8)."""
+    return 1.0 / softmax_levels(unsigned, wide)
 
 
 def softmax_mask(rows: int, length: int, kv_len: int, causal: bool, offset: int) -> np.ndarray:
@@ -382,18 +391,19 @@ def softmax_mask(rows: int, length: int, kv_len: int, causal: bool, offset: int)
     return valid
 
 
-def softmax_rows(x, word, valid, *, unsigned: bool = False) -> np.ndarray:
+def softmax_rows(x, word, valid, *, unsigned: bool = False, wide: bool = False) -> np.ndarray:
     """Integer softmax along the last axis of int32 scores ``x`` (``valid``: boolean mask).
 
     Per row: ``m = max`` of valid x; for valid j ``u = min(rshr((m - x) * M, s), 2^22 - 1)``
     (base-2 exponent, Q.17); ``e = rshr(pq_exp2(u & 0x1ffff), u >> 17)`` (Q.15, masked: 0);
-    ``S = sum e``; ``R = floor(Q * 2^32 / S)`` (one division per row, Q = 255 or 127);
-    ``p = min(Q, rhe(e * R, 32))``. Rows with no valid key give 0 everywhere.
+    ``S = sum e``; ``R = floor(Q * 2^32 / S)`` (one division per row, Q =
+    :func:`softmax_levels`: 2047 wide, 255 or 127); ``p = min(Q, rhe(e * R, 32))``. Rows with
+    no valid key give 0 everywhere.
     """
     m_in, s_in = unpack_scale_word(word, "softmax scale word")
     x = np.asarray(x, dtype=np.int64)
     valid = np.broadcast_to(np.asarray(valid, dtype=bool), x.shape)
-    q = 255 if unsigned else 127
+    q = softmax_levels(unsigned, wide)
     big = np.int64(-(1 << 40))
     m = np.where(valid, x, big).max(axis=-1, keepdims=True)
     any_valid = valid.any(axis=-1, keepdims=True)

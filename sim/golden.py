@@ -547,9 +547,13 @@ class GoldenMachine:
         src_mem = Mem(a["src_mem"])
         e_src = self._width(src_mem)
         src = self._check_rows(src_mem, a["src"], -(-L // e_src) * M, index, instr)
-        dst_mem = Mem.ACC if func in ("max", "sum") else Mem.SP
-        e_dst = 1 if dst_mem == Mem.ACC else self._width(dst_mem)
-        dst_slices = -(-L // e_dst) if dst_mem == Mem.SP else 1
+        # A wide softmax writes int32 probabilities (0..2047) to the accumulator, slice-major like
+        # the scratchpad output; `wide` takes precedence over `unsigned` and other funcs ignore it.
+        wide = func == "softmax" and bool(a["wide"])
+        reduce = func in ("max", "sum")
+        dst_mem = Mem.ACC if reduce or wide else Mem.SP
+        e_dst = 1 if reduce else self._width(dst_mem)
+        dst_slices = 1 if reduce else -(-L // e_dst)
         dst = self._check_rows(dst_mem, a["dst"], dst_slices * M, index, instr)
         cols = cfg.acc_row_elems
         n_ch = -(-L // cols)
@@ -573,7 +577,7 @@ class GoldenMachine:
         elif func == "softmax":
             kv_len, offset = (int(np.int64(w).astype(np.int32)) for w in words[1:3])
             valid = vn.softmax_mask(M, L, kv_len, bool(a["causal"]), offset)
-            y = vn.softmax_rows(x, words[0], valid, unsigned=bool(a["unsigned"]))
+            y = vn.softmax_rows(x, words[0], valid, unsigned=bool(a["unsigned"]), wide=wide)
         else:
             shift = int(np.int64(words[0]).astype(np.int32))
             if shift < vn.NORM_SHIFT_MIN or shift > vn.NORM_SHIFT_MAX:
@@ -589,10 +593,10 @@ class GoldenMachine:
         self._write_rows(dst_mem, dst, q, clock, index, instr)
         target = self._mem(dst_mem)
         target[dst] = 0
-        if dst_mem == Mem.ACC:
+        if reduce:
             target[dst, 0] = y
         else:
-            if func == "softmax" and a["unsigned"]:
+            if func == "softmax" and a["unsigned"] and not wide:
                 y = y.astype(np.uint8).view(np.int8)  # the scratchpad holds the uint8 bit pattern
             target[dst.start + (j // e_dst)[None, :] * M + r, (j % e_dst)[None, :]] = y
 

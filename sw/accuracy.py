@@ -128,11 +128,13 @@ def _embed(qg, items):
 def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=None, sentences=None,
                     verbose: bool = True) -> dict:
     """Cosine similarity of the int8 emulation (``run_int8``, the bundle's integers) vs float
-    PyTorch sentence embeddings, per calibration choice ``(method, alpha, vector_alpha, digits)``
-    quantized as :func:`weft.compiler.pipeline.quantize_for_device` does (alpha 0: per-tensor
-    activations; digits: two-digit FFN down-projection input). Default: the compiler's defaults,
-    then the same with an int8 FFN input."""
-    from weft.compiler.pipeline import DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_METHOD, DEFAULT_VECTOR_ALPHA
+    PyTorch sentence embeddings, per calibration choice ``(method, alpha, vector_alpha, digits[,
+    prob_digits])`` quantized as :func:`weft.compiler.pipeline.quantize_for_device` does (alpha 0:
+    per-tensor activations; digits: two-digit FFN down-projection input; prob_digits: two-digit
+    attention probabilities, default the compiler's). Default: the compiler's defaults, then the
+    same with an int8 FFN input."""
+    from weft.compiler.pipeline import (DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_METHOD, DEFAULT_PROB_DIGITS,
+                                        DEFAULT_VECTOR_ALPHA)
     from weft.sw.models.minilm import MiniLM
 
     if choices is None:
@@ -152,12 +154,14 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
     rank_items = _feeds(model, rank_sents, seq_len)
     rank_ref = model.encode(rank_sents, max_length=seq_len).astype(np.float64)
     results = {"sentences": len(sentences), "token_lengths": (min(lengths), max(lengths)), "choices": {}}
-    for method, alpha, valpha, digits in choices:
+    for choice in choices:
+        method, alpha, valpha, digits = choice[:4]
+        prob_digits = bool(choice[4]) if len(choice) > 4 else DEFAULT_PROB_DIGITS
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
         qg = quantize(graph, scales, method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                       vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
-                      digits=digits)
+                      digits=digits, prob_digits=prob_digits)
         emb = _embed(qg, items)
         cos = np.sum(emb * ref, axis=1)
         remb = _embed(qg, rank_items)
@@ -171,7 +175,8 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
             i += 1 + n
         r = {"min": float(cos.min()), "mean": float(cos.mean()), "below_0.99": int(np.sum(cos < 0.99)),
              "ranking_preserved": f"{sum(ranks_ok)}/{len(ranks_ok)}", "seconds": round(time.time() - t, 1)}
-        label = f"{method}, alpha={alpha}/{valpha}, {'two-digit' if digits else 'int8'} FFN input"
+        label = f"{method}, alpha={alpha}/{valpha}, {'two-digit' if digits else 'int8'} FFN input" + (
+            ", two-digit probabilities" if prob_digits else "")
         results["choices"][label] = r
         if verbose:
             print(f"{label}: min {r['min']:.4f} mean {r['mean']:.4f} "
@@ -306,13 +311,15 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
                      choices=None, verbose: bool = True, prompts=None) -> dict:
     """Teacher-forced agreement and perplexity of the int8 emulation (= the device) vs float
     PyTorch for SmolLM2-135M-Instruct, per calibration choice ``(method, alpha, vector_alpha[,
-    digit_alpha])`` (a digit alpha: two-digit down-projection input). Default: the decoder's
-    defaults (``weft.sw.generate``), and the same with an int8 down-projection input."""
-    from weft.sw.generate import DECODER_ALPHA, DECODER_DIGIT_ALPHA, DECODER_VECTOR_ALPHA
+    digit_alpha[, prob_digits]])`` (a digit alpha: two-digit down-projection input; None: int8;
+    prob_digits: two-digit attention probabilities, default the decoder's). Default: the
+    decoder's defaults (``weft.sw.generate``), and the same with int8 down-projection input and
+    int8 probabilities."""
+    from weft.sw.generate import DECODER_ALPHA, DECODER_DIGIT_ALPHA, DECODER_PROB_DIGITS, DECODER_VECTOR_ALPHA
 
     if choices is None:
-        choices = [("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, DECODER_DIGIT_ALPHA),
-                   ("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA)]
+        choices = [("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, DECODER_DIGIT_ALPHA, DECODER_PROB_DIGITS),
+                   ("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, None, False)]
     import torch
 
     from weft.compiler.pipeline import limit_blas_threads
@@ -344,12 +351,14 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
     for choice in choices:
         method, alpha, valpha = choice[:3]
         digit_alpha = choice[3] if len(choice) > 3 else None  # None: int8 FFN input; else two-digit
+        prob_digits = bool(choice[4]) if len(choice) > 4 else DECODER_PROB_DIGITS
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
         kw = dict(method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                   vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
                   int32_outputs=["logits"], digits=digit_alpha is not None,
-                  digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None)
+                  digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None,
+                  prob_digits=prob_digits)
         qg = quantize(g_short, scales, **kw)
         agree = decoder_agreement(model, tok, qg, prompt_len, prompts or DECODER_PROMPTS, new_tokens)
         q_logits = run_int8(quantize(g_long, scales, **kw), {"input_ids": text_ids})["logits"][0]
@@ -358,7 +367,8 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
              "positions": agree["positions"], "int8_ppl": math.exp(q_nll),
              "ppl_ratio": math.exp(q_nll - f_nll), "seconds": round(time.time() - t, 1)}
         label = f"{method}, alpha={alpha}, vector_alpha={valpha}" + (
-            "" if digit_alpha is None else f", two-digit FFN input (alpha {digit_alpha})")
+            "" if digit_alpha is None else f", two-digit FFN input (alpha {digit_alpha})") + (
+            ", two-digit probabilities" if prob_digits else ", int8 probabilities")
         results["choices"][label] = r
         if verbose:
             print(f"{label}: top-1 agreement {r['agreement']:.4f} "
@@ -374,13 +384,16 @@ if __name__ == "__main__":  # pragma: no cover
 
     ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
-    ap.add_argument("--choice", action="append", default=None, metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA]",
-                    help="smollm2: calibration choice(s) to evaluate (default: the decoder's, with and without the "
-                         "two-digit input); a fourth value gives the FFN down projection a two-digit input with that "
-                         "smoothing (0: one scale per tensor)")
+    ap.add_argument("--choice", action="append", default=None,
+                    metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA[,PROB_DIGITS]]",
+                    help="smollm2: calibration choice(s) to evaluate (default: the decoder's, and with int8 FFN input "
+                         "and probabilities); a fourth value gives the FFN down projection a two-digit input with that "
+                         "smoothing (0: one scale per tensor; 'none': int8), a fifth (0 or 1) int8 or two-digit "
+                         "attention probabilities (default: the decoder's)")
     a = ap.parse_args()
     if a.model == "smollm2":
-        ch = [(c.split(",")[0], *(float(v) for v in c.split(",")[1:])) for c in a.choice] if a.choice else None
+        ch = [(c.split(",")[0], *(None if v == "none" else float(v) for v in c.split(",")[1:])) for c in a.choice] \
+            if a.choice else None
         res = smollm2_accuracy(**({"choices": ch} if ch else {}))
     else:
         res = minilm_accuracy()

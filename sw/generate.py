@@ -36,7 +36,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 __all__ = ["GenerateError", "DecoderProgram", "BundleBackend", "generate", "DEVICES", "DECODER_ALPHA",
-           "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA"]
+           "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA", "DECODER_PROB_DIGITS"]
 
 DEVICES = ("float", "int8", "golden")
 #: Calibration defaults for decoders (docs/compiler.md, "Accuracy": measured better than the
@@ -46,6 +46,8 @@ DECODER_VECTOR_ALPHA = 1.0
 #: Two-digit (12-bit) down-projection input with this per-channel smoothing; None: int8.
 #: SmolLM2-135M: top-1 agreement 77.5% -> 82.8%, perplexity ratio 1.341x -> 1.168x (docs/compiler.md).
 DECODER_DIGIT_ALPHA: float | None = 0.3
+#: Attention probabilities from a wide softmax (1/2047) as two int8 digits through ``P v``.
+DECODER_PROB_DIGITS = True
 
 
 class GenerateError(RuntimeError):
@@ -77,11 +79,13 @@ class DecoderProgram:
     @classmethod
     def build(cls, model, tok=None, *, prompt_len: int = 64, max_context: int = 256, calibration=None,
               decode_steps: int = 8, alpha: float | None = None, vector_alpha: float | None = None,
-              exporter: str | None = None, digit_alpha: float | None = DECODER_DIGIT_ALPHA) -> "DecoderProgram":
+              exporter: str | None = None, digit_alpha: float | None = DECODER_DIGIT_ALPHA,
+              prob_digits: bool = DECODER_PROB_DIGITS) -> "DecoderProgram":
         """Export, import, calibrate (float runs of ``calibration``: texts, chat message lists or
         id lists; default :data:`weft.sw.accuracy.DECODER_CALIBRATION`) and quantize both graphs.
         ``digit_alpha``: None keeps the down projection's input int8; a number gives it two digits
-        with that per-channel smoothing (0: one scale per tensor)."""
+        with that per-channel smoothing (0: one scale per tensor). ``prob_digits``: two-digit
+        attention probabilities (a wide softmax) rather than int8."""
         import time
 
         import torch
@@ -121,7 +125,8 @@ class DecoderProgram:
             return dict(method="max", channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                         vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
                         amax=cal.amax, int32_outputs=["logits"], digits=digit_alpha is not None,
-                        digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None)
+                        digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None,
+                        prob_digits=prob_digits)
 
         pqg = quantize(pg, {k: c / 127.0 for k, c in pcal.thresholds("max").items()}, **qopts(pcal))
         # decode: float steps of the decode graph, the past from the float model's own cache

@@ -325,8 +325,10 @@ class _AttnBlock(torch.nn.Module):
         return self.attn.attend(q, k, v, pos[None, :] <= pos[:, None])
 
 
-@pytest.mark.parametrize("config_name,rope", [("tiny", False), ("default", False), ("tiny", True), ("default", True)])
-def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope):
+@pytest.mark.parametrize("config_name,rope,prob_digits", [("tiny", False, False), ("default", False, False),
+                                                        ("tiny", True, False), ("default", True, False),
+                                                        ("tiny", True, True), ("default", True, True)])
+def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope, prob_digits):
     from weft.compiler.lower import lower
     from weft.hw.config import load_config
 
@@ -341,9 +343,10 @@ def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope):
     assert g.op_counts().get("GQAttention") == 1 and g.op_counts().get("Rope", 0) == (2 if rope else 0)
     rng = np.random.default_rng(0)
     cal = [{"x": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32)} for _ in range(4)]
-    qg = quantize_for_device(g, cal)
+    qg = quantize_for_device(g, cal, prob_digits=prob_digits)
     config = load_config(config_name)
     bundle = lower(qg, config, model="attn")
+    assert all(p.prob_digits == prob_digits for p in qg.gqas.values())
     if config_name == "tiny":  # the causal softmax runs in several query chunks (one record each)
         assert any(seg.name.endswith(".softmax_records") for seg in bundle.segments)
     feeds = {"x": rng.standard_normal((1, seq, cfg.hidden_size)).astype(np.float32)}

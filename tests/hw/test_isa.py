@@ -246,6 +246,26 @@ def test_fields_are_attributes():
         instr.m
 
 
+def test_vrow_wide_flag_round_trips_after_unsigned():
+    from weft.hw.decode import instruction_layout
+
+    instr = Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=0x10, dst=0x80, param=0x8, rows=4,
+                             len=300, causal=1, wide=1, wait=["load"], signal=["store"])
+    assert (instr.wide, instr.unsigned) == (1, 0)
+    assert Instruction.decode(instr.encode()) == instr
+    text = format_instruction(instr)
+    assert "causal=1 unsigned=0 wide=1" in text
+    assert parse_instruction(text) == instr and assemble(text) == [instr]
+    lo = {f.name: pos for f, pos in OPS[Opcode.VROW].layout()}
+    assert lo["wide"] == lo["unsigned"] + 1 == 114
+    word = int.from_bytes(instr.encode(), "little")
+    assert (word >> lo["wide"]) == 1  # the flag is the top used bit; the rest is reserved
+    assert "wide" in instruction_layout(Opcode.VROW).members  # the RTL's view comes from the same table
+    # An instruction written without the flag (every program before it) has wide = 0.
+    plain = parse_instruction("vrow func=softmax src_mem=acc src=0x10 dst=0x80 param=0x8 rows=4 len=300")
+    assert plain.wide == 0 and Instruction.decode(plain.encode()) == plain
+
+
 # ---------------------------------------------------------------------- assembly text
 def test_canonical_text_by_hand():
     program = [

@@ -80,7 +80,7 @@ def vbin_case(config, rng, func: str, a_mem: Mem, b_mem: Mem, dst_mem: Mem, rows
 
 # ---------------------------------------------------------------------- row ops
 def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC, x=None, kv_len=None, offset=0,
-              causal=False, unsigned=False, name=None, in_scale=None):
+              causal=False, unsigned=False, wide=False, inplace=False, name=None, in_scale=None):
     p = Prog(config)
     E = p.E
     C = -(-L // E)
@@ -112,11 +112,14 @@ def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC,
     if func in ("max", "sum"):
         dst = (src + C * M + 1) if src_mem == Mem.ACC else 0
         out = (Mem.ACC, dst, M)
+    elif func == "softmax" and wide:  # int32 probabilities to the accumulator, slice-major
+        dst = src if inplace and src_mem == Mem.ACC else param + len(params) + 2
+        out = (Mem.ACC, dst, C * M)
     else:
         dst = (src + C * M + 1) if src_mem == Mem.SP else 4
         out = (Mem.SP, dst, C * M)
     op = Instruction.make(Opcode.VROW, func=func, src_mem=int(src_mem), src=src, dst=dst, param=param, rows=M, len=L,
-                          causal=int(causal), unsigned=int(unsigned))
+                          causal=int(causal), unsigned=int(unsigned), wide=int(wide))
     return p.case(name or f"vrow_{func}_{M}x{L}", [op], [p.store(*out)])
 
 
@@ -167,6 +170,22 @@ def row_cases(config, rng) -> list[dict]:
     cases.append(vrow_case(config, rng, "softmax", 2, L, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, L)),
                            in_scale=0.3, name="softmax_extreme"))
     cases.append(vrow_case(config, rng, "softmax", 2, E, src_mem=Mem.SP, name="softmax_sp"))
+    # wide: int32 probabilities (0..2047) to the accumulator; random full-range int32 scores
+    int32 = dict(in_scale=4e-9)
+    cases.append(vrow_case(config, rng, "softmax", 4, L, x=rng.integers(-(1 << 31), 1 << 31, (4, L)), wide=True,
+                           name="softmax_wide", **int32))
+    cases.append(vrow_case(config, rng, "softmax", 5, L, x=rng.integers(-(1 << 31), 1 << 31, (5, L)), wide=True,
+                           kv_len=L - 3, causal=True, offset=1, name="softmax_wide_causal", **int32))
+    cases.append(vrow_case(config, rng, "softmax", 4, L, wide=True, causal=True, offset=-2,
+                           name="softmax_wide_fully_masked_rows"))
+    cases.append(vrow_case(config, rng, "softmax", 3, L, wide=True, unsigned=True, kv_len=E + 1,
+                           name="softmax_wide_over_unsigned"))
+    cases.append(vrow_case(config, rng, "softmax", 3, 1, wide=True, name="softmax_wide_len1"))
+    cases.append(vrow_case(config, rng, "softmax", 2, L, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, L)),
+                           in_scale=0.3, wide=True, name="softmax_wide_extreme"))
+    cases.append(vrow_case(config, rng, "softmax", 3, L, wide=True, inplace=True, name="softmax_wide_inplace"))
+    cases.append(vrow_case(config, rng, "softmax", 2, E, src_mem=Mem.SP, wide=True, name="softmax_wide_sp"))
+    cases.append(vrow_case(config, rng, "max", 3, E + 2, wide=True, name="vrow_max_wide_ignored"))
     for func in ("layernorm", "rmsnorm"):
         cases.append(vrow_case(config, rng, func, 3, 2 * E + 1))
         cases.append(vrow_case(config, rng, func, 2, E, src_mem=Mem.SP, name=f"{func}_sp"))
@@ -175,6 +194,7 @@ def row_cases(config, rng) -> list[dict]:
         cases.append(vrow_case(config, rng, func, 2, 2 * E, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, 2 * E)),
                                name=f"{func}_extreme"))
         cases.append(vrow_case(config, rng, func, 2, E, x=np.zeros((2, E), dtype=np.int64), name=f"{func}_zero"))
+    cases.append(vrow_case(config, rng, "rmsnorm", 2, E + 1, wide=True, name="rmsnorm_wide_ignored"))
     return cases
 
 
@@ -253,6 +273,45 @@ def test_matmul_and_vector_op_run_concurrently():
     # Both together finish well before the sum of each alone (the loads and stores are in all three).
     assert cycles["both"] < cycles["matmul"] + cycles["vector"] - 200, cycles
     print("overlap cycles:", cycles)
+
+
+# ---------------------------------------------------------------------- wide softmax: results and cost
+def wide_softmax_timing_cases(config, rng, L: int, M: int = 4) -> tuple[list[dict], np.ndarray, int]:
+    """A softmax (int8 out) and a wide one (int32 out), each once and twice on the same int32 scores."""
+    E = config.acc_row_elems
+    C = -(-L // E)
+    x = rng.integers(-(1 << 31), 1 << 31, (M, L))
+    params = vn.softmax_params(4e-9, kv_len=L, cols=E)
+    cases = []
+    for wide in (0, 1):
+        for times in (1, 2):
+            p = Prog(config)
+            p.load(Mem.ACC, 0, slice_major(x, E))
+            p.load(Mem.ACC, C * M, params)
+            dst = C * M + len(params) + 1 if wide else 0
+            op = Instruction.make(Opcode.VROW, func="softmax", src_mem=1, src=0, dst=dst, param=C * M, rows=M, len=L,
+                                  wide=wide)
+            cases.append(p.case(f"softmax_wide{wide}_x{times}", [op] * times,
+                                [p.store(Mem.ACC if wide else Mem.SP, dst, C * M)]))
+    return cases, x, int(params.ravel()[0])
+
+
+@pytest.mark.rtl
+def test_wide_softmax_is_exact_and_costs_three_cycles_more_per_row():
+    """The wide softmax's 43-step reciprocal (11-bit Q) against the 40-step one: per logical row
+    exactly 3 cycles more; its int32 output is vn.softmax_rows(..., wide=True), slice-major."""
+    config = load_config("tiny")
+    E, M, L = config.acc_row_elems, 4, 5 * config.acc_row_elems + 1
+    cases, x, word = wide_softmax_timing_cases(config, np.random.default_rng(41), L, M)
+    expect = dict(cases[2]["expect"])  # wide, once: the bytes the RTL must leave
+    (addr, raw), = expect.items()
+    got = np.frombuffer(bytes.fromhex(raw), dtype="<i4").reshape(-1, E)
+    assert np.array_equal(got, slice_major(vn.softmax_rows(x, word, np.ones((M, L), bool), wide=True), E))
+    report = run_cases(config, cases)["cases"]
+    cycles = {r["name"]: r["counters"]["cycles"] for r in report}
+    per_row = {w: (cycles[f"softmax_wide{w}_x2"] - cycles[f"softmax_wide{w}_x1"]) / M for w in (0, 1)}
+    print("softmax cycles per row (int8 out, wide):", per_row[0], per_row[1])
+    assert per_row[1] - per_row[0] == 3, per_row
 
 
 # ---------------------------------------------------------------------- throughput

@@ -16,6 +16,7 @@ from weft.hw import vector_numerics as vn
 from weft.hw.config import AcceleratorConfig, load_config
 from weft.hw.isa import Instruction, IsaError, Opcode, assemble, disassemble
 from weft.sim.golden import GoldenMachine, ProgramError, RaceError, UninitializedReadError
+from weft.sim.vector_bench import slice_major
 
 DEFAULT = load_config("default")
 TINY = load_config("tiny")
@@ -36,12 +37,17 @@ def rhe(value: Fraction) -> int:
 def test_vector_ops_encode_and_assemble_with_function_names():
     text = ("vbin func=add a_mem=sp a=0x10 b_mem=acc b=0x20 dst_mem=sp dst=0x30 param=0x4 rows=8\n"
             "vmap func=gelu src_mem=acc src=0x0 dst_mem=sp dst=0x8 param=0x2 rows=3 wait=load signal=store\n"
-            "vrow func=softmax src_mem=acc src=0x0 dst=0x40 param=0x9 rows=4 len=100 causal=1 unsigned=0\n")
+            "vrow func=softmax src_mem=acc src=0x0 dst=0x40 param=0x9 rows=4 len=100 causal=1 unsigned=0 wide=0\n"
+            "vrow func=softmax src_mem=acc src=0x0 dst=0x40 param=0x9 rows=4 len=100 causal=0 unsigned=0 wide=1\n")
     program = assemble(text)
     assert disassemble(program) == text
     for instr in program:
         assert Instruction.decode(instr.encode()) == instr
     assert program[2].func == 2 and program[2].len == 100
+    assert program[2].wide == 0 and program[3].wide == 1
+    # `wide` is bit 114 (after `unsigned`, bit 113); a flag left out of the text is 0.
+    assert (int.from_bytes(program[3].encode(), "little") >> 113) & 3 == 0b10
+    assert assemble("vrow func=softmax src_mem=acc src=0 dst=0x40 param=9 rows=4 len=100")[0].wide == 0
     assert Instruction.make(Opcode.VMAP, func="silu", src_mem=0, src=0, dst_mem=0, dst=0, param=0, rows=1).func == 2
     with pytest.raises(IsaError, match="not one of"):
         Instruction.make(Opcode.VMAP, func="tanh", src_mem=0, src=0, dst_mem=0, dst=0, param=0, rows=1)
@@ -51,10 +57,10 @@ def test_vector_ops_encode_and_assemble_with_function_names():
 
 
 # ---------------------------------------------------------------------- exact: softmax
-def softmax_exact(x, valid=None, *, scale=2e-3, unsigned=False):
+def softmax_exact(x, valid=None, *, scale=2e-3, unsigned=False, wide=False):
     x = np.asarray(x, dtype=np.int64)
     w = vn.softmax_params(scale, kv_len=x.shape[-1], cols=C).ravel()[0]
-    return vn.softmax_rows(x, w, np.ones(x.shape, bool) if valid is None else valid, unsigned=unsigned)
+    return vn.softmax_rows(x, w, np.ones(x.shape, bool) if valid is None else valid, unsigned=unsigned, wide=wide)
 
 
 def test_softmax_all_equal_rows_split_evenly():
@@ -63,11 +69,16 @@ def test_softmax_all_equal_rows_split_evenly():
     assert softmax_exact([[7, 7, 7, 7]], unsigned=True).tolist() == [[64, 64, 64, 64]]  # 63.75
     assert softmax_exact([[-5, -5]]).tolist() == [[64, 64]]  # 63.5 -> even 64
     assert softmax_exact([[0, 0, 0]]).tolist() == [[42, 42, 42]]  # 42.33
+    assert softmax_exact([[7, 7, 7, 7]], wide=True).tolist() == [[512] * 4]  # 2047/4 = 511.75
+    assert softmax_exact([[0, 0, 0]], wide=True).tolist() == [[682] * 3]  # 682.33
+    # wide takes precedence over unsigned
+    assert softmax_exact([[0, 0, 0]], wide=True, unsigned=True).tolist() == [[682] * 3]
 
 
 def test_softmax_length_one_and_extremes():
     assert softmax_exact([[123456]]).tolist() == [[127]]
     assert softmax_exact([[-(1 << 31)]], unsigned=True).tolist() == [[255]]
+    assert softmax_exact([[5]], wide=True).tolist() == [[vn.SOFTMAX_WIDE_LEVELS]] == [[2047]]
     row = [(1 << 31) - 1, -(1 << 31), -(1 << 31)]  # difference 2^32 - 1: exponent saturates, e = 0
     assert softmax_exact([row]).tolist() == [[127, 0, 0]]
 
@@ -203,6 +214,10 @@ def test_softmax_accuracy_with_masks():
         p = vn.softmax_rows(x, w, mask, unsigned=unsigned) * vn.softmax_output_scale(unsigned)
         assert np.abs(p - ref).max() <= 0.6 * vn.softmax_output_scale(unsigned) + 1e-3
         assert not p[~mask].any()
+    # wide (1/2047): the output rounding plus the exp2 approximation (relative 6e-5 of p <= 1)
+    p = vn.softmax_rows(x, w, mask, wide=True) * vn.softmax_output_scale(False, wide=True)
+    assert np.abs(p - ref).max() <= 0.6 / 2047 + 1e-4
+    assert not p[~mask].any()
 
 
 @pytest.mark.parametrize("func", ["gelu", "silu"])
@@ -348,6 +363,68 @@ def test_softmax_program_through_the_golden_model(cfg, causal):
     assert not g.sp[last:last + M, L % E_sp or E_sp:].any()
 
 
+@pytest.mark.parametrize("cfg", [DEFAULT, TINY, NONSQUARE], ids=lambda c: c.name)
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_softmax_program_writes_int32_probabilities_to_the_accumulator(cfg, causal):
+    """`vrow softmax wide=1`: random int32 scores, key padding and (optionally) a causal mask,
+    rows longer than one slice; int32 probabilities at 1/2047 land slice-major in the
+    accumulator (its row width), equal to the numerics and within 0.6/2047 (+ the exp2
+    approximation) of float softmax. `unsigned` is ignored when `wide` is set."""
+    rng = np.random.default_rng(RNG_SEED + 1)
+    E = cfg.acc_row_elems
+    M, L, scale = 5, 3 * E + 3, 4e-9  # full-range int32 scores: real values within +-8.6
+    n = -(-L // E)
+    x = rng.integers(-(1 << 31), 1 << 31, (M, L)).astype(np.int32)
+    kv_len, offset = L - 2, L - M - 2
+    P = vn.softmax_params(scale, kv_len=kv_len, causal_offset=offset, cols=E)
+    X, PAR, OUT = 0x1000, 0x100, 0x8000
+    DST = 100 + len(P)  # the accumulator rows after the parameter row
+    g = GoldenMachine(cfg, memory_bytes=1 << 16)
+    g.write(X, x.astype("<i4"))
+    g.write(PAR, P.astype("<i4"))
+    prog = slice_major_loads(1, 0, X, M, L, E, 4) + [_load(1, 100, PAR, len(P), E, E * 4)]
+    prog = with_tokens(prog, signal=["vector"])
+    prog.append(_i(Opcode.VROW, func="softmax", src_mem=1, src=0, dst=DST, param=100, rows=M, len=L,
+                   causal=int(causal), unsigned=1, wide=1, wait=["load"], signal=["store"]))
+    prog += with_tokens(slice_major_stores(1, DST, OUT, M, L, E, 4), wait=["vector"])
+    prog.append(_i(Opcode.HALT))
+    g.run(prog)
+    got = np.frombuffer(g.read(OUT, M * L * 4), dtype="<i4").reshape(M, L)
+    mask = vn.softmax_mask(M, L, kv_len, causal, offset)
+    assert np.array_equal(got, vn.softmax_rows(x, P.ravel()[0], mask, wide=True))
+    assert got.min() >= 0 and got.max() <= 2047 and not got[~mask].any()
+    assert got.max() > 255  # really the wide range, not int8/uint8
+    ref = torch.softmax(torch.tensor(x * scale).masked_fill(~torch.tensor(mask), -math.inf), -1).numpy()
+    assert np.abs(got / 2047 - ref).max() <= 0.6 / 2047 + 1e-4
+    # The output spans n slices of M accumulator rows; elements past L in the last slice are zero.
+    assert np.array_equal(g.acc[DST:DST + n * M], slice_major(got, E))
+
+
+def test_wide_softmax_in_place_and_wide_ignored_by_other_functions():
+    cfg = TINY
+    rng = np.random.default_rng(RNG_SEED)
+    E = cfg.acc_row_elems
+    M, L = 3, 2 * E + 1
+    x = rng.integers(-3000, 3000, (M, L)).astype(np.int32)
+    P = vn.softmax_params(0.01, kv_len=L, cols=E)
+    g = GoldenMachine(cfg, memory_bytes=1 << 14)
+    g.write(0x1000, x.astype("<i4"))
+    g.write(0x100, P.astype("<i4"))
+    prog = with_tokens(slice_major_loads(1, 0, 0x1000, M, L, E, 4) + [_load(1, 50, 0x100, len(P), E, E * 4)],
+                       signal=["vector"])
+    prog += [
+        _i(Opcode.VROW, func="max", src_mem=1, src=0, dst=40, param=0, rows=M, len=L, wide=1, wait=["load"]),
+        _i(Opcode.VROW, func="softmax", src_mem=1, src=0, dst=0, param=50, rows=M, len=L, wide=1,
+           signal=["store"]),  # in place: dst == src
+        _store(1, 40, 0x2000, M, 1, 4, wait=["vector"]),
+        _i(Opcode.HALT),
+    ]
+    g.run(prog)
+    assert np.frombuffer(g.read(0x2000, M * 4), dtype="<i4").tolist() == x.max(1).tolist()
+    expected = vn.softmax_rows(x, P.ravel()[0], np.ones((M, L), bool), wide=True)
+    assert np.array_equal(g.acc[:3 * M], slice_major(expected, E))
+
+
 def test_layernorm_then_gelu_then_add_program():
     cfg = DEFAULT
     rng = np.random.default_rng(RNG_SEED)
@@ -417,6 +494,8 @@ def _machine_with_rows(cfg=TINY):
     (dict(op=Opcode.VBIN, func="mul", a_mem=1, a=0, b_mem=1, b=4, dst_mem=0, dst=0, param=8, rows=2),
      "at most one operand"),
     (dict(op=Opcode.VBIN, func="add", a_mem=0, a=0, b_mem=0, b=4, dst_mem=0, dst=1, param=8, rows=2),
+     "partly overlap"),
+    (dict(op=Opcode.VROW, func="softmax", src_mem=1, src=0, dst=1, param=8, rows=2, len=4, wide=1),
      "partly overlap"),
     (dict(op=Opcode.VROW, func="softmax", src_mem=1, src=0, dst=0, param=8, rows=1, len=0), "len must be"),
     (dict(op=Opcode.VROW, func="softmax", src_mem=1, src=0, dst=0, param=8, rows=1000, len=4), "exceed"),
