@@ -813,10 +813,10 @@ def cmd_compile(args) -> int:
         args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
         args.vector_alpha = DEFAULT_VECTOR_ALPHA if args.vector_alpha is None else args.vector_alpha
         qg = quantize_for_device(graph, batches, method=args.method, alpha=args.alpha, vector_alpha=args.vector_alpha,
-                                 digits=args.digits)
+                                 digits=args.digits, prob_digits=args.prob_digits)
         show("calibrate + quantize", time.perf_counter() - t,
              f"{note}, method {args.method}, alpha {args.alpha}/{args.vector_alpha}"
-             f"{'' if args.digits else ', int8 FFN input'}")
+             f"{'' if args.digits else ', int8 FFN input'}{', two-digit probabilities' if args.prob_digits else ''}")
         t = time.perf_counter()
         seq = next((v.shape[-1] for v in graph.inputs), None)
         bundle = lower(qg, config, model=model.stem, metadata={"seq_len": seq, "source": str(model)})
@@ -1014,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--int8-ffn", dest="digits", action="store_false",
                       help="hand the FFN down projection int8 (default: two int8 digits, 12-bit, at the cost of a "
                            "second pass through its weights)")
+    comp.add_argument("--two-digit-probs", dest="prob_digits", action="store_true",
+                      help="attention probabilities as two int8 digits from a wide softmax (1/2047) instead of int8 "
+                           "at 1/127 (a second pass of P through V's tiles; the decoders' default)")
     comp.add_argument("--listing", action="store_true", help="also write OUTPUT.lst, a per-layer program listing")
     comp.set_defaults(func=cmd_compile)
 

@@ -73,6 +73,27 @@ def test_tiny_bert_bundle_equals_int8_reference(tiny, config_name):
     assert set(bundle.metadata["layers"]) == {"embeddings", "layer0", "layer1"}
 
 
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+def test_two_digit_probabilities_equal_int8_reference(tiny, config_name):
+    """``prob_digits``: the encoder's attention takes a wide softmax (1/2047) split into two int8
+    planes and a two-digit ``P v``; the bundle's integers equal run_int8's (padded keys too), whose
+    probabilities are closer to float than the int8 ones."""
+    graph, plain = tiny
+    qg = quantize_for_device(graph, [_feeds(s) for s in range(4)], prob_digits=True)
+    assert all(p.prob_digits for p in qg.attentions.values())
+    config = load_config(config_name)
+    bundle = lower(qg, config, model="tiny-bert")
+    details = [k["detail"] for k in bundle.metadata["kernels"] if k["op"] == "Attention"]
+    assert any("two-digit output" in d for d in details) and any("two-digit P" in d for d in details)
+    feeds = _feeds(13)
+    _check_exact(graph, qg, bundle, config, feeds)
+    L = int(feeds["attention_mask"].sum())
+    ref = run_float(graph, feeds)["last_hidden_state"][:, :L]
+    err = {name: np.abs(run_int8(q, feeds)["last_hidden_state"][:, :L] - ref).mean()
+           for name, q in (("digits", qg), ("int8", plain))}
+    assert err["digits"] < err["int8"]
+
+
 def _mlp_graph(M: int, K: int = 40, F: int = 72, N: int = 24, seed: int = 0):
     """x [M, K] -> Linear -> Gelu -> Linear -> y: an FFN as ONNX nodes."""
     from onnx import TensorProto, helper, numpy_helper
@@ -229,6 +250,11 @@ def test_cli_compile_and_run(tmp_path, capsys):
     for stage in ("import ONNX", "calibrate + quantize", "lower", "write bundle", "listing"):
         assert stage in text
     assert out.is_file() and out.with_suffix(".lst").is_file()
+    assert "two-digit P" not in out.with_suffix(".lst").read_text()
+    assert main(["compile", str(onnx_path), "--config", "default", "-o", str(out), "--listing",
+                 "--calibration-sentences", "3", "--two-digit-probs"]) == 0
+    assert "two-digit probabilities" in capsys.readouterr().out
+    assert "two-digit P" in out.with_suffix(".lst").read_text()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     assert main(["compile", str(bad), "-o", str(tmp_path / "x.weft")]) == 2
