@@ -52,7 +52,7 @@ from .gemm import (GemmError, digit_gemm_params, gemm_program, gemv_digit_consts
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
-from .reference import DIGIT_BASE, DIGIT_FINE_WORD, DIGIT_HI_WORD
+from .reference import DIGIT_BASE, DIGIT_BASE_WORD, DIGIT_FINE_WORD, DIGIT_HI_WORD
 
 __all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name", "kv_slot_input_name",
            "rope_table_input_name"]
@@ -314,6 +314,9 @@ class _Lowerer:
         K, N = p.weight.shape
         M = x.rows
         cols = self.column_perm.get(node.name, np.arange(N))  # RoPE: interleaved pairs per head
+        if p.output == "wide":
+            self.lower_wide_linear(node, p, x, cols)
+            return
         wide = p.output == "int32"
         if wide and (node.outputs[0] not in self.graph_outputs or np.any(p.bias)):
             self.fail(node, "an int32 Linear output is only lowered as a graph output without bias (logits)")
@@ -338,6 +341,69 @@ class _Lowerer:
                          output="int32" if wide else "int8", a_plane=x.plane)
         self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}" + (", two-digit input" if x.plane else ""),
                          self.last_drain)
+
+    def lower_wide_linear(self, node: Node, p, x: _Tensor, cols: np.ndarray) -> None:
+        """A Linear that hands the int32 residual its accumulators (``quantize(wide_linears=True)``):
+        the GEMM (or GEMV) with int32 output into a scratch tensor, then a vector kernel
+        ``vbin mul`` by the rows of the columns' int8 factors, rounded by the word's shift, into
+        the output's int32 tensor (one scale for every column)."""
+        K, N = p.weight.shape
+        M = x.rows
+        if not np.array_equal(cols, np.arange(N)):
+            self.fail(node, "a permuted int32 Linear output is not supported")
+        split = bool(x.plane) and M > 1  # the GEMM combines digits only before REQUANT: one int32 GEMM per digit
+        bufs = [self.scratch(f"{node.name}.acc{i}", M * N * 4) for i in range(2 if split else 1)]
+        accs = [_Tensor(b.address, M, N, 4) for b in bufs]
+        if M == 1:
+            self._wide_gemv(node, p, x, accs[0])
+        else:
+            w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)))
+            p_addr = self.const(f"{node.name}.params", np.zeros((2, N), dtype=np.int32))
+            for i, acc in enumerate(accs):  # hi plane (or the int8 input), then lo
+                body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address + i * x.plane, a_stride=x.stride,
+                                 b_addr=w_addr, b_stride=N, out_addr=acc.address, out_stride=N * 4,
+                                 params_addr=p_addr, output="int32")
+                what = ("hi", "lo")[i] + " digit" if split else "input"
+                self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K} (int32, {what})", self.last_drain)
+        out = self.new_tensor(node.outputs[0], M, N, 4)
+        factors = _Tensor(self.const(f"{node.name}.factors", np.tile(np.asarray(p.wide_factors, np.int8), (M, 1))),
+                          M, N, 1)
+        C = self.E_acc
+        nsl = -(-N // C)
+        params = [param_rows([p.wide_word], C)] + ([param_rows([DIGIT_BASE_WORD, UNIT_WORD], C)] if split else [])
+
+        def build(m, srcs, outs_, tmp, prm):
+            (_, dst), = outs_
+            (fm, fa) = srcs[-1]
+            am, aa = srcs[0]
+            ins = []
+            if split:  # 16 acc_hi + acc_lo, as reference.digit_gemm
+                ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=srcs[1][0], b=srcs[1][1],
+                                            dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=nsl * m))
+                am, aa = Mem.ACC, dst
+            return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=am, a=aa, b_mem=fm, b=fa, dst_mem=Mem.ACC,
+                                           dst=dst, param=prm[0], rows=nsl * m)]
+
+        ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc{i}") for i, acc in enumerate(accs)]
+        self.vector_kernel(node, M, ins + [(factors, VecIn("int8", 1.0), "factors")], build, [(out, "acc")], params, 0,
+                           f"{M}x{N} accumulators x column factors (int32 for the residual)")
+        self.free += bufs
+
+    def _wide_gemv(self, node: Node, p, x: _Tensor, acc: _Tensor) -> None:
+        K, N = p.weight.shape
+        try:
+            plan = plan_gemv(self.cfg, N, K, output="int32", x_digits=bool(x.plane))
+        except GemmError as exc:
+            self.fail(node, str(exc))
+        wt_addr = self.const(f"{node.name}.weight_t", np.ascontiguousarray(p.weight.astype(np.int8).T))
+        consts = None
+        if x.plane:
+            if "gemv_digit_consts" not in self.shared_consts:
+                self.shared_consts["gemv_digit_consts"] = self.const("gemv.digit_consts", gemv_digit_consts())
+            consts = self.shared_consts["gemv_digit_consts"]
+        body = gemv_program(self.cfg, plan, x_addr=x.address, wt_addr=wt_addr, out_addr=acc.address,
+                            col_addr=None, params_addr=None, halt=False, x_plane=x.plane or None, digit_consts=consts)
+        self.emit_kernel(node.name, node, body, f"GEMV {N}x{K} (int32)" + (", two-digit input" if x.plane else ""))
 
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool) -> None:
         K, N = p.weight.shape

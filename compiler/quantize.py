@@ -27,6 +27,7 @@ Scheme (what the hardware computes, :mod:`weft.compiler.reference` ``run_int8`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -79,9 +80,14 @@ class LinearParams:
     in_scale: float
     out_scale: float
     scale_words: np.ndarray  # int32 [N]
-    output: str = "int8"  # "int32": raw accumulators (+ bias) handed to the vector unit
+    output: str = "int8"  # "int32": raw accumulators (+ bias) to the host; "wide": see below
     acc_in_scale: float = 0.0  # input scale folded into the accumulator scale (1.0 if per-channel)
     in_digits: bool = False  # the input is a two-digit tensor (DIGIT_BASE * hi + lo)
+    #: "wide" (``quantize(wide_linears=True)``): the weight scales are ``T * g_n`` with int8
+    #: ``g_n``, so ``vbin mul`` of the accumulators by the rows of ``g`` with ``wide_word`` puts
+    #: every column on the one int32 scale ``out_scale`` for the residual add.
+    wide_factors: np.ndarray | None = None
+    wide_word: int = 0
 
 
 @dataclass
@@ -229,6 +235,8 @@ class QuantizedGraph:
     swiglus: dict[str, SwiGLUParams] = field(default_factory=dict)
     #: two-digit tensors (``DIGIT_BASE * hi + lo``): producer output -> scale (per tensor or per channel)
     digits: dict[str, float | np.ndarray] = field(default_factory=dict)
+    #: Linear outputs handed to the int32 residual (``wide_linears``): name -> their int32 scale
+    wide_linears: dict[str, float] = field(default_factory=dict)
 
 
 def scale_words(real_scale: np.ndarray | float) -> np.ndarray:
@@ -244,6 +252,22 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
+
+
+def quantize_weight_factored(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per-output-channel int8 with scales ``T * g_n``, ``g_n`` integers in 1..127 and ``T`` the
+    largest ideal scale / 127: each column's scale is coarser than its own max would give by
+    less than ``T`` (a fraction under ``1 / (g_n - 1)``; a column more than 127x below the
+    largest gets ``T``), and accumulators times ``g_n`` share one scale. Returns (int8 [K, N],
+    scales [N], g [N] int8, T)."""
+    w = np.asarray(w, dtype=np.float64)
+    amax = np.max(np.abs(w), axis=0)
+    ideal = np.where(amax > 0, amax / 127.0, 0.0)
+    t = float(ideal.max()) / 127.0 if ideal.max() > 0 else 1.0 / 127.0
+    g = np.clip(np.ceil(ideal / t * (1 - 1e-12)), 1, 127).astype(np.int64)
+    scale = t * g
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale, g.astype(np.int8), t
 
 
 class Calibrator:
@@ -453,7 +477,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
              amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
              fixed_scales: Mapping[str, float] | None = None, digits: bool = False,
              digit_channel_scales: Mapping[str, np.ndarray] | None = None,
-             prob_digits: bool = False) -> QuantizedGraph:
+             prob_digits: bool = False, wide_linears: bool = False) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -469,7 +493,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     ``digit_channel_scales`` (int8-style scales, e.g. ``Calibrator.channel_scales(alpha)``) has
     them: the same smoothing at 12 bits, folded into the Linear's weight rows
     (:func:`_digit_scales`). ``prob_digits``: attention probabilities from a wide softmax
-    (int32 at 1/2047) held as two int8 digits through ``P v`` instead of int8 at 1/127."""
+    (int32 at 1/2047) held as two int8 digits through ``P v`` instead of int8 at 1/127.
+    ``wide_linears``: a bias-free Linear read only by int32 residual adds (a decoder's o and down
+    projections) hands them its accumulators on one int32 scale (:func:`quantize_weight_factored`,
+    then ``vbin mul`` by the factors) instead of an int8 tensor."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -564,6 +591,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
 
     def vec_in(name: str, node: Node) -> VecIn:
         """How a vector op reads ``name``."""
+        if name in qg.wide_linears:
+            return VecIn("int32", qg.wide_linears[name])
         if name in qg.device_inputs:
             kind, s = qg.device_inputs[name]
             return VecIn(kind, s)
@@ -603,9 +632,24 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             else:
                 wq, ws = quantize_weight(w)
                 in_sc = s_in
+            b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
+            o = n.outputs[0]
+            if wide_linears and o not in int32_outputs and o not in outputs and not np.any(b) \
+                    and n.inputs[1] not in graph.qdq_weights and cons.get(o) \
+                    and all(u.op == "Add" and u.outputs[0] in qg.wide for u in cons[o]):
+                folded = w.astype(np.float64) * (in_sc[:, None] if isinstance(in_sc, np.ndarray) else 1.0)
+                wq, ws, g, t = quantize_weight_factored(folded)
+                unit = s_in * t  # accumulator x g_n: one scale for every column
+                shift = max(0, math.ceil(math.log2(max(peak(o, n), 1e-30) / unit)) - 29)
+                fine = unit * 2.0 ** shift
+                qg.wide_linears[o] = scales[o] = fine
+                qg.linears[n.name] = LinearParams(wq, ws, np.zeros(w.shape[1], np.int32), in_sc, fine,
+                                                  np.zeros(w.shape[1], np.int32), "wide", acc_in_scale=s_in,
+                                                  in_digits=x in qg.digits, wide_factors=g,
+                                                  wide_word=int(pack_scale_word(1, shift)))
+                continue
             s_out = need(n.outputs[0], n) if n.outputs[0] not in int32_outputs else 1.0
             acc_scale = s_in * ws.astype(np.float64)
-            b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
             bq = np.clip(np.rint(b / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
             if n.outputs[0] in int32_outputs:  # e.g. logits: the host reads the int32 accumulators
                 qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, 0.0, np.zeros(w.shape[1], np.int32), "int32",

@@ -376,6 +376,9 @@ def _int8_linear(qg, node: Node, x, w=None, b=None):
     if p.output == "int32":  # epilogue on the vector unit: accumulator + bias, no requant
         total = acc.astype(np.int64) + p.bias
         return AccTensor(total.astype(np.int32), p.acc_in_scale * p.w_scale.astype(np.float64))
+    if p.output == "wide":  # ``vbin mul`` by the columns' factors: one int32 scale for the residual
+        return AccTensor(vec_mul(acc, p.wide_factors.astype(np.int64), p.wide_word, INT32).astype(np.int32),
+                         np.float64(p.out_scale))
     return QTensor(requantize(acc, p.bias, p.scale_words), p.out_scale)
 
 

@@ -36,7 +36,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 __all__ = ["GenerateError", "DecoderProgram", "BundleBackend", "generate", "DEVICES", "DECODER_ALPHA",
-           "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA", "DECODER_PROB_DIGITS"]
+           "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA", "DECODER_PROB_DIGITS",
+           "DECODER_WIDE_LINEARS"]
 
 DEVICES = ("float", "int8", "golden")
 #: Calibration defaults for decoders (docs/compiler.md, "Accuracy": measured better than the
@@ -48,6 +49,8 @@ DECODER_VECTOR_ALPHA = 1.0
 DECODER_DIGIT_ALPHA: float | None = 0.3
 #: Attention probabilities from a wide softmax (1/2047) as two int8 digits through ``P v``.
 DECODER_PROB_DIGITS = True
+#: The o and down projections hand the int32 residual their accumulators (``quantize(wide_linears=True)``).
+DECODER_WIDE_LINEARS = True
 
 
 class GenerateError(RuntimeError):
@@ -80,12 +83,14 @@ class DecoderProgram:
     def build(cls, model, tok=None, *, prompt_len: int = 64, max_context: int = 256, calibration=None,
               decode_steps: int = 8, alpha: float | None = None, vector_alpha: float | None = None,
               exporter: str | None = None, digit_alpha: float | None = DECODER_DIGIT_ALPHA,
-              prob_digits: bool = DECODER_PROB_DIGITS) -> "DecoderProgram":
+              prob_digits: bool = DECODER_PROB_DIGITS,
+              wide_linears: bool = DECODER_WIDE_LINEARS) -> "DecoderProgram":
         """Export, import, calibrate (float runs of ``calibration``: texts, chat message lists or
         id lists; default :data:`weft.sw.accuracy.DECODER_CALIBRATION`) and quantize both graphs.
         ``digit_alpha``: None keeps the down projection's input int8; a number gives it two digits
         with that per-channel smoothing (0: one scale per tensor). ``prob_digits``: two-digit
-        attention probabilities (a wide softmax) rather than int8."""
+        attention probabilities (a wide softmax) rather than int8. ``wide_linears``: the o and down
+        projections hand the residual int32 rather than int8."""
         import time
 
         import torch
@@ -126,7 +131,7 @@ class DecoderProgram:
                         vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
                         amax=cal.amax, int32_outputs=["logits"], digits=digit_alpha is not None,
                         digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None,
-                        prob_digits=prob_digits)
+                        prob_digits=prob_digits, wide_linears=wide_linears)
 
         pqg = quantize(pg, {k: c / 127.0 for k, c in pcal.thresholds("max").items()}, **qopts(pcal))
         # decode: float steps of the decode graph, the past from the float model's own cache

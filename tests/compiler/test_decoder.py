@@ -353,16 +353,22 @@ def test_attention_bundle_equals_int8_reference(tmp_path, config_name, rope, pro
     _assert_bundle_exact_and_close(g, qg, bundle, config, feeds, block)
 
 
-@pytest.mark.parametrize("config_name", ["tiny", "default"])
-def test_tiny_smollm2_prefill_bundle_equals_int8_reference(tiny, tiny_q, config_name):
+@pytest.mark.parametrize("config_name,wide", [("tiny", False), ("default", False), ("tiny", True), ("default", True)])
+def test_tiny_smollm2_prefill_bundle_equals_int8_reference(tiny, tiny_q, config_name, wide):
     """The whole tiny SmolLM2 prefill (logits as int32 accumulators, the KV-cache outputs) on
-    the bit-exact model equals run_int8 integer for integer."""
+    the bit-exact model equals run_int8 integer for integer; ``wide``: the o and down projections
+    hand the residual int32 (with a two-digit down-projection input)."""
     from weft.compiler.lower import lower
     from weft.compiler.pipeline import device_outputs, host_inputs
     from weft.hw.config import load_config
     from weft.sim.golden import run_bundle
 
     model, g = tiny
+    if wide:
+        rng = np.random.default_rng(0)
+        tiny_q = quantize_for_device(g, [{"input_ids": rng.integers(3, 259, (1, T))} for _ in range(6)],
+                                     int32_outputs=["logits"], digits=True, digit_alpha=0.3, wide_linears=True)
+        assert len(tiny_q.wide_linears) == 2 * model.cfg.num_layers
     config = load_config(config_name)
     bundle = lower(tiny_q, config, model="smollm2-tiny")
     ids = np.random.default_rng(8).integers(3, model.cfg.vocab_size, (1, T))

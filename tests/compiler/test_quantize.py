@@ -7,7 +7,7 @@ import pytest
 
 from weft.compiler.frontend import import_onnx
 from weft.compiler.perf import gemm_cost, model_cost, perf_table
-from weft.compiler.quantize import Calibrator, quantize, quantize_weight
+from weft.compiler.quantize import Calibrator, quantize, quantize_weight, quantize_weight_factored
 from weft.compiler.reference import run_float, run_int8
 from weft.hw.config import load_config
 from weft.sim.golden import requantize
@@ -49,6 +49,24 @@ def test_linear_int8_is_exactly_the_hardware_gemm():
 def _cos(a, b):
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_factored_weight_scales_share_one_accumulator_scale():
+    """quantize_weight_factored: scales T * g_n with integer g_n in 1..127, never finer than the
+    column's own max / 127 (no clipping) and coarser by less than T; accumulators times g_n are
+    on one scale, checked against float matmul."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 24)) * np.geomspace(0.01, 3.0, 24)  # columns 300x apart
+    q, scale, g, t = quantize_weight_factored(w)
+    ideal = np.abs(w).max(axis=0) / 127
+    assert g.dtype == np.int8 and g.min() >= 1 and g.max() == 127
+    np.testing.assert_allclose(scale, t * g.astype(np.float64))
+    assert np.all(scale >= ideal * (1 - 1e-9)) and np.all(scale < ideal + t * (1 + 1e-9))
+    assert np.abs(q.astype(np.int64)).max() <= 127
+    x = rng.integers(-127, 128, (5, 64))
+    acc = x @ q.astype(np.int64)
+    np.testing.assert_allclose((acc * g) * t, x @ (q * scale), rtol=1e-9)
+    np.testing.assert_allclose((acc * g) * t, x @ w, rtol=0.05, atol=0.05 * np.abs(x @ w).max())
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
