@@ -355,7 +355,7 @@ class _Lowerer:
         bufs = [self.scratch(f"{node.name}.acc{i}", M * N * 4) for i in range(2 if split else 1)]
         accs = [_Tensor(b.address, M, N, 4) for b in bufs]
         if M == 1:
-            self._wide_gemv(node, p, x, accs[0])
+            self.lower_gemv(node, p, x, cols, True, out=accs[0])
         else:
             w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)))
             p_addr = self.const(f"{node.name}.params", np.zeros((2, N), dtype=np.int32))
@@ -389,30 +389,16 @@ class _Lowerer:
                            f"{M}x{N} accumulators x column factors (int32 for the residual)")
         self.free += bufs
 
-    def _wide_gemv(self, node: Node, p, x: _Tensor, acc: _Tensor) -> None:
-        K, N = p.weight.shape
-        try:
-            plan = plan_gemv(self.cfg, N, K, output="int32", x_digits=bool(x.plane))
-        except GemmError as exc:
-            self.fail(node, str(exc))
-        wt_addr = self.const(f"{node.name}.weight_t", np.ascontiguousarray(p.weight.astype(np.int8).T))
-        consts = None
-        if x.plane:
-            if "gemv_digit_consts" not in self.shared_consts:
-                self.shared_consts["gemv_digit_consts"] = self.const("gemv.digit_consts", gemv_digit_consts())
-            consts = self.shared_consts["gemv_digit_consts"]
-        body = gemv_program(self.cfg, plan, x_addr=x.address, wt_addr=wt_addr, out_addr=acc.address,
-                            col_addr=None, params_addr=None, halt=False, x_plane=x.plane or None, digit_consts=consts)
-        self.emit_kernel(node.name, node, body, f"GEMV {N}x{K} (int32)" + (", two-digit input" if x.plane else ""))
-
-    def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool) -> None:
+    def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool, out: _Tensor | None = None) -> None:
+        """The weight-streaming GEMV for a one-row Linear; ``wide``: int32 accumulators out, into
+        ``out`` when given (default: the node's output tensor)."""
         K, N = p.weight.shape
         try:
             plan = plan_gemv(self.cfg, N, K, output="int32" if wide else "int8", x_digits=bool(x.plane))
         except GemmError as exc:
             self.fail(node, str(exc))
         wt_addr = self.const(f"{node.name}.weight_t", np.ascontiguousarray(p.weight.astype(np.int8)[:, cols].T))
-        out = self.out_tensor(node.outputs[0], 1, N, 4 if wide else 1)
+        out = out or self.out_tensor(node.outputs[0], 1, N, 4 if wide else 1)
         params_addr = col = None
         if not wide:
             words = gemv_params(self.cfg, np.broadcast_to(p.bias, (N,))[cols], np.broadcast_to(p.scale_words, (N,))[cols])
