@@ -140,6 +140,20 @@ def _tokens_first_last(instrs: list[Instruction], wait: set, signal: set) -> lis
     return out
 
 
+def _digit_split(x: int, hi: tuple, neg: tuple, prod: int, lo: tuple, hi_param: int, unit_param: int,
+                 rows: int) -> list[Instruction]:
+    """The vector unit's digit split of int32 accumulator rows at ``x`` (``reference.digit_split``):
+    ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with the rows of -16 at ``neg`` into
+    accumulator rows ``prod``, ``lo = vbin add(x, -16 hi)``. ``hi``, ``neg``, ``lo``: (memory, row);
+    ``hi_param``: the row of DIGIT_HI_WORD, ``unit_param``: the row of two unit words."""
+    return [Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=x, dst_mem=hi[0], dst=hi[1],
+                             param=hi_param, rows=rows),
+            Instruction.make(Opcode.VBIN, func="mul", a_mem=hi[0], a=hi[1], b_mem=neg[0], b=neg[1], dst_mem=Mem.ACC,
+                             dst=prod, param=unit_param, rows=rows),
+            Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=x, b_mem=Mem.ACC, b=prod, dst_mem=lo[0],
+                             dst=lo[1], param=unit_param, rows=rows)]
+
+
 def _relocated(ins: Instruction, dram: int) -> Instruction:
     """``ins`` (a validated DMA instruction) with another device-memory address; skips the
     full field validation (only ``dram`` changes, and it is range-checked here)."""
@@ -760,13 +774,8 @@ class _Lowerer:
             if digits:
                 p_at, lo_at, rows = src + n_acc * mc, hi_at + n_sp * mc, n_acc * mc
                 vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=p_at, param=prm,
-                                        rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1),
-                       Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=p_at, dst_mem=Mem.SP,
-                                        dst=hi_at, param=nrec, rows=rows),
-                       Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.SP, a=hi_at, b_mem=Mem.SP, b=neg,
-                                        dst_mem=Mem.ACC, dst=src, param=nrec + 1, rows=rows),
-                       Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=p_at, b_mem=Mem.ACC, b=src,
-                                        dst_mem=Mem.SP, dst=lo_at, param=nrec + 1, rows=rows)]
+                                        rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1)]
+                vec += _digit_split(p_at, (Mem.SP, hi_at), (Mem.SP, neg), src, (Mem.SP, lo_at), nrec, nrec + 1, rows)
                 outs = ((hi_at, 0), (lo_at, plane))
             else:
                 vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
@@ -1109,13 +1118,7 @@ class _Lowerer:
                 fm, fa = srcs[len(inputs) + 1]
                 ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=x12, b_mem=fm, b=fa,
                                             dst_mem=Mem.ACC, dst=x12, param=prm[3], rows=rows))
-            return ins + [
-                Instruction.make(Opcode.VMAP, func="scale", src_mem=Mem.ACC, src=x12, dst_mem=hm, dst=ha,
-                                 param=prm[1], rows=rows),
-                Instruction.make(Opcode.VBIN, func="mul", a_mem=hm, a=ha, b_mem=neg_mem, b=neg_at, dst_mem=Mem.ACC,
-                                 dst=prod, param=prm[2], rows=rows),
-                Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=x12, b_mem=Mem.ACC, b=prod, dst_mem=lm,
-                                 dst=la, param=prm[2], rows=rows)]
+            return ins + _digit_split(x12, (hm, ha), (neg_mem, neg_at), prod, (lm, la), prm[1], prm[2], rows)
 
         self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")], words,
                            nsl if in_place else 2 * nsl,

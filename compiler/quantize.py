@@ -622,23 +622,17 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             if x in qg.wide:
                 raise QuantizeError(f"{n.name} (Linear): an int32 (wide) input is not supported")
             s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
-            if isinstance(s_in, np.ndarray):  # per-channel input: fold into the weight rows
-                wq, ws = quantize_weight(w.astype(np.float64) * s_in[:, None])
-                in_sc = s_in
-                s_in = 1.0
-            elif n.inputs[1] in graph.qdq_weights:
-                wq, ws = graph.qdq_weights[n.inputs[1]]
-                in_sc = s_in
-            else:
-                wq, ws = quantize_weight(w)
-                in_sc = s_in
             b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
             o = n.outputs[0]
-            if wide_linears and o not in int32_outputs and o not in outputs and not np.any(b) \
-                    and n.inputs[1] not in graph.qdq_weights and cons.get(o) \
-                    and all(u.op == "Add" and u.outputs[0] in qg.wide for u in cons[o]):
-                folded = w.astype(np.float64) * (in_sc[:, None] if isinstance(in_sc, np.ndarray) else 1.0)
-                wq, ws, g, t = quantize_weight_factored(folded)
+            wide_out = wide_linears and o not in int32_outputs and o not in outputs and not np.any(b) \
+                and n.inputs[1] not in graph.qdq_weights and bool(cons.get(o)) \
+                and all(u.op == "Add" and u.outputs[0] in qg.wide for u in cons[o])
+            in_sc = s_in
+            per_channel_in = isinstance(s_in, np.ndarray)
+            if per_channel_in:  # fold the input's scales into the weight rows
+                w, s_in = w.astype(np.float64) * s_in[:, None], 1.0
+            if wide_out:
+                wq, ws, g, t = quantize_weight_factored(w)
                 unit = s_in * t  # accumulator x g_n: one scale for every column
                 shift = max(0, math.ceil(math.log2(max(peak(o, n), 1e-30) / unit)) - 29)
                 fine = unit * 2.0 ** shift
@@ -648,6 +642,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                                                   in_digits=x in qg.digits, wide_factors=g,
                                                   wide_word=int(pack_scale_word(1, shift)))
                 continue
+            if n.inputs[1] in graph.qdq_weights and not per_channel_in:
+                wq, ws = graph.qdq_weights[n.inputs[1]]
+            else:
+                wq, ws = quantize_weight(w)
             s_out = need(n.outputs[0], n) if n.outputs[0] not in int32_outputs else 1.0
             acc_scale = s_in * ws.astype(np.float64)
             bq = np.clip(np.rint(b / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
