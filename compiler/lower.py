@@ -386,21 +386,21 @@ class _Lowerer:
         nsl = -(-N // C)
         params = [param_rows([p.wide_word], C)] + ([param_rows([DIGIT_BASE_WORD, UNIT_WORD], C)] if split else [])
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (_, dst), = outs_
             (fm, fa) = srcs[-1]
             am, aa = srcs[0]
             ins = []
             if split:  # 16 acc_hi + acc_lo, as reference.digit_gemm
                 ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=srcs[1][0], b=srcs[1][1],
-                                            dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=nsl * m))
+                                            dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=ns * m))
                 am, aa = Mem.ACC, dst
             return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=am, a=aa, b_mem=fm, b=fa, dst_mem=Mem.ACC,
-                                           dst=dst, param=prm[0], rows=nsl * m)]
+                                           dst=dst, param=prm[0], rows=ns * m)]
 
         ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc{i}") for i, acc in enumerate(accs)]
         self.vector_kernel(node, M, ins + [(factors, VecIn("int8", 1.0), "factors")], build, [(out, "acc")], params, 0,
-                           f"{M}x{N} accumulators x column factors (int32 for the residual)")
+                           f"{M}x{N} accumulators x column factors (int32 for the residual)", columns=True)
         self.free += bufs
 
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool, out: _Tensor | None = None) -> None:
@@ -652,15 +652,15 @@ class _Lowerer:
         self.views[node.outputs[0]] = ("heads", H, D)
         nsl = -(-(H * D) // self.E_acc)
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (xm, xa), (tm, ta) = srcs
             (_, dst), = outs_
             return [Instruction.make(Opcode.VBIN, func="rope", a_mem=xm, a=xa, b_mem=tm, b=ta, dst_mem=Mem.SP,
-                                     dst=dst, param=prm[0], rows=nsl * m)]
+                                     dst=dst, param=prm[0], rows=ns * m)]
 
         self.vector_kernel(node, S, [(x, VecIn("int8", p.in_scale), node.inputs[0]),
                                      (t, VecIn("int32", 1.0), node.name + ".table")], build, [(out, "sp")],
-                           [param_rows([p.word], self.E_acc)], 0, f"rope {S}x{H * D}")
+                           [param_rows([p.word], self.E_acc)], 0, f"rope {S}x{H * D}", columns=True)
 
     def lower_gqa(self, node: Node) -> None:
         """Grouped-query attention over head-major views: per query head h of KV group
@@ -809,15 +809,19 @@ class _Lowerer:
         n = -(-M // m)
         return -(-M // n)  # even chunks
 
-    def load_slices(self, mem, local, t: _Tensor, r0, mc, E) -> list[Instruction]:
+    def load_slices(self, mem, local, t: _Tensor, r0, mc, E, s0=0, ns=None) -> list[Instruction]:
+        """LOADs of rows ``[r0, r0 + mc)`` and column slices ``[s0, s0 + ns)`` (of ``E`` elements;
+        default all) of ``t``, slice-major from on-chip row ``local``."""
         n = -(-t.cols // E)
-        return [_ld(mem, local + s * mc, t.address + r0 * t.stride + s * E * t.esize, mc, min(E, t.cols - s * E),
-                    t.stride) for s in range(n)]
+        last = n if ns is None else min(n, s0 + ns)
+        return [_ld(mem, local + (s - s0) * mc, t.address + r0 * t.stride + s * E * t.esize, mc,
+                    min(E, t.cols - s * E), t.stride) for s in range(s0, last)]
 
-    def store_slices(self, mem, local, t: _Tensor, r0, mc, E) -> list[Instruction]:
+    def store_slices(self, mem, local, t: _Tensor, r0, mc, E, s0=0, ns=None) -> list[Instruction]:
         n = -(-t.cols // E)
-        return [_st(mem, local + s * mc, t.address + r0 * t.stride + s * E * t.esize, mc, min(E, t.cols - s * E),
-                    t.stride) for s in range(n)]
+        last = n if ns is None else min(n, s0 + ns)
+        return [_st(mem, local + (s - s0) * mc, t.address + r0 * t.stride + s * E * t.esize, mc,
+                    min(E, t.cols - s * E), t.stride) for s in range(s0, last)]
 
     def vec_source(self, node, name: str, src: VecIn) -> _Tensor:
         if src.twin:
@@ -828,114 +832,177 @@ class _Lowerer:
 
     def vector_kernel(self, node: Node, M: int, inputs: list[tuple[_Tensor, VecIn, str]],
                       build: Callable, outputs: list[tuple[_Tensor, str]], param_rows_list: list[np.ndarray],
-                      extra_acc_per_row: int, detail: str) -> None:
+                      extra_acc_per_row: int, detail: str, *, columns: bool = False) -> None:
         """Generic chunked vector kernel.
 
         ``inputs``: (tensor in device memory, how it is read, name) -> each lands as a
         slice-major on-chip tensor: int8 direct in the scratchpad (E = sp row for ``vrow``
         readers: ``direct_E``), int32 in the accumulator, or widened (int8 in the scratchpad
         then ``vbin mul`` by the factor rows into the accumulator).
-        ``build(m, srcs, outs, tmp, params) -> [vector instructions]``: ``srcs`` (mem, row) per
-        input, ``outs`` (mem, row) per output, ``tmp`` first accumulator row of the
-        ``extra_acc_per_row * m`` scratch rows, ``params`` first accumulator row of each
-        parameter block. ``outputs``: (tensor, "sp" | "acc"): what gets stored.
+        ``build(m, srcs, outs, tmp, params, ns, s0) -> [vector instructions]``: the chunk is
+        ``m`` rows of the ``ns`` column slices from slice ``s0``; ``srcs`` (mem, row) per input,
+        ``outs`` (mem, row) per output, ``tmp`` first accumulator row of the
+        ``extra_acc_per_row * m`` scratch rows (``extra_acc_per_row`` counts every slice of a
+        row), ``params`` first accumulator row of each parameter block. ``outputs``: (tensor,
+        "sp" | "acc"): what gets stored.
+
+        ``columns``: the operation is elementwise (no value depends on another slice), so a
+        chunk may be a group of column slices over many rows: each LOAD and STORE then moves
+        many rows (their fixed costs are paid less often, and there are fewer of them), and
+        the chunks alternate between two on-chip buffers so that the loads of the next chunk
+        and the stores of the last one run while the vector unit works (without it, loads,
+        vector work and stores follow each other chunk by chunk).
         """
         C, Esp = self.E_acc, self.E_sp
         consts = [self.const(f"{node.name}.param{i}", rows) for i, rows in enumerate(param_rows_list)]
         fac_consts = []
         widen = any(src.kind == "widen" for _, src, _ in inputs)
         n_acc_fixed = sum(r.shape[0] for r in param_rows_list) + int(widen)
-        acc_per_row = extra_acc_per_row
-        sp_per_row = 0
+        D = max([t.cols for t, _, _ in inputs] + [t.cols for t, _ in outputs])
+        nsl = -(-D // C)
+        # per row and slice of a chunk: accumulator and scratchpad rows of one buffer
+        acc_u, sp_u = 0, 0
         for t, src, _ in inputs:
-            nsl = -(-t.cols // C)
             if src.kind == "int32":
-                acc_per_row += nsl
+                acc_u += 1
             elif src.kind == "widen":
-                acc_per_row += nsl  # factors, multiplied in place into the widened values
-                sp_per_row += nsl
+                acc_u += 1  # factors, multiplied in place into the widened values
+                sp_u += 1
                 fac_consts.append(self.const(f"{node.name}.factors{len(fac_consts)}", src.factors.astype(np.int32)))
             else:
-                sp_per_row += nsl
+                sp_u += 1
         for t, where in outputs:
             if where == "sp":
-                sp_per_row += -(-t.cols // Esp)
+                sp_u += 1
             else:
-                acc_per_row += -(-t.cols // C)
-        m = self.chunk(node, M, acc_fixed=n_acc_fixed, acc_per_row=acc_per_row, sp_per_row=sp_per_row,
-                       what=detail)
-        # on-chip layout (fixed for every chunk; a shorter last chunk uses the first rows)
+                acc_u += 1
+        tmp_u = -(-extra_acc_per_row // nsl)
+        same_slices = Esp == C and all(t.cols == D for t, _, _ in inputs) and all(t.cols == D for t, _ in outputs)
+        if columns and same_slices:
+            m, ns = self.column_chunk(M, nsl, acc_fixed=n_acc_fixed, acc_u=2 * acc_u + tmp_u, sp_u=2 * sp_u)
+            if m < 1:
+                self.fail(node, f"{detail} does not fit configuration {self.cfg.name!r}: one row of one column "
+                                f"slice needs {2 * acc_u + tmp_u} accumulator rows and {2 * sp_u} scratchpad rows "
+                                f"besides {n_acc_fixed} parameter rows")
+            buffers = 2 if (m, ns) != (M, nsl) else 1
+        else:
+            acc_per_row, sp_per_row = extra_acc_per_row, 0
+            for t, src, _ in inputs:
+                k = -(-t.cols // C)
+                acc_per_row += k if src.kind in ("int32", "widen") else 0
+                sp_per_row += k if src.kind != "int32" else 0
+            for t, where in outputs:
+                if where == "sp":
+                    sp_per_row += -(-t.cols // Esp)
+                else:
+                    acc_per_row += -(-t.cols // C)
+            m = self.chunk(node, M, acc_fixed=n_acc_fixed, acc_per_row=acc_per_row, sp_per_row=sp_per_row,
+                           what=detail)
+            ns, buffers = nsl, 1
+        # on-chip layout: parameters, then per buffer the inputs and outputs, then the scratch rows
         params_at, row = [], 0
         for rows in param_rows_list:
             params_at.append(row)
             row += rows.shape[0]
         unit_row = row
         acc_next, sp_next = row + int(widen), 0
-        lay_in = []
-        for t, src, _ in inputs:
-            nsl = -(-t.cols // C)
-            if src.kind == "int32":
-                lay_in.append(("acc", acc_next, None, None))
-                acc_next += nsl * m
-            elif src.kind == "widen":
-                lay_in.append(("widen", acc_next, sp_next, acc_next))  # values (= factors), int8, factors
-                acc_next += nsl * m
-                sp_next += nsl * m
-            else:
-                lay_in.append(("sp", sp_next, None, None))
-                sp_next += nsl * m
-        lay_out = []
-        for t, where in outputs:
-            if where == "sp":
-                lay_out.append(("sp", sp_next))
-                sp_next += -(-t.cols // Esp) * m
-            else:
-                lay_out.append(("acc", acc_next))
-                acc_next += -(-t.cols // C) * m
+        lay_in, lay_out = [[] for _ in range(buffers)], [[] for _ in range(buffers)]
+        for b in range(buffers):
+            for t, src, _ in inputs:
+                k = -(-t.cols // C) if ns == nsl else ns
+                if src.kind == "int32":
+                    lay_in[b].append(("acc", acc_next, None, None))
+                    acc_next += k * m
+                elif src.kind == "widen":
+                    lay_in[b].append(("widen", acc_next, sp_next, acc_next))  # values (= factors), int8, factors
+                    acc_next += k * m
+                    sp_next += k * m
+                else:
+                    lay_in[b].append(("sp", sp_next, None, None))
+                    sp_next += k * m
+            for t, where in outputs:
+                if where == "sp":
+                    lay_out[b].append(("sp", sp_next))
+                    sp_next += (-(-t.cols // Esp) if ns == nsl else ns) * m
+                else:
+                    lay_out[b].append(("acc", acc_next))
+                    acc_next += (-(-t.cols // C) if ns == nsl else ns) * m
         tmp = acc_next
         unit = self.const(f"{node.name}.unit", param_rows([UNIT_WORD], C)) if widen else None
         body = [_ld(Mem.ACC, params_at[i], consts[i], rows.shape[0], C, C * 4)
                 for i, rows in enumerate(param_rows_list)]
         if unit is not None:
             body.append(_ld(Mem.ACC, unit_row, unit, 1, C, C * 4))
-        for c, r0 in enumerate(range(0, M, m)):
-            mc = min(m, M - r0)
+        chunks = [(r0, min(m, M - r0), s0, min(ns, nsl - s0)) for s0 in range(0, nsl, ns) for r0 in range(0, M, m)]
+
+        def loads_of(c):
+            r0, mc, s0, k = chunks[c]
             loads = []
             fi = 0
-            for (t, src, _), lay in zip(inputs, lay_in):
+            for (t, src, _), lay in zip(inputs, lay_in[c % buffers]):
                 if lay[0] == "acc":
-                    loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C)
+                    loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C, s0, k)
                 elif lay[0] == "widen":
-                    loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C)
-                    nsl = -(-t.cols // C)  # the factor row of each slice, repeated down the chunk
-                    loads += [_ld(Mem.ACC, lay[3] + s * mc, fac_consts[fi] + s * C * 4, mc,
-                                  min(C, t.cols - s * C), 0) for s in range(nsl)]
+                    loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C, s0, k)
+                    last = min(-(-t.cols // C), s0 + k)  # the factor row of each slice, repeated down the chunk
+                    loads += [_ld(Mem.ACC, lay[3] + (s - s0) * mc, fac_consts[fi] + s * C * 4, mc,
+                                  min(C, t.cols - s * C), 0) for s in range(s0, last)]
                     fi += 1
                 else:
-                    loads += self.load_slices(Mem.SP, lay[1], t, r0, mc, C)
-            body += _tokens_first_last(loads, {V} if c else set(), {V})
+                    loads += self.load_slices(Mem.SP, lay[1], t, r0, mc, C, s0, k)
+            # the buffer is free once the vector unit is done with the chunk before in it
+            return _tokens_first_last(loads, {V} if c >= buffers else set(), {V})
+
+        if buffers == 2:
+            body += loads_of(0)
+        for c, (r0, mc, s0, k) in enumerate(chunks):
+            if buffers == 1:
+                body += loads_of(c)
+            elif c + 1 < len(chunks):  # the next chunk's loads go ahead of this chunk's vector work
+                body += loads_of(c + 1)
             vec = []
             srcs = []
-            for (t, src, _), lay in zip(inputs, lay_in):
-                nsl = -(-t.cols // C)
+            for (t, src, _), lay in zip(inputs, lay_in[c % buffers]):
                 if lay[0] == "widen":
                     vec.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.SP, a=lay[2], b_mem=Mem.ACC,
                                                 b=lay[3], dst_mem=Mem.ACC, dst=lay[1], param=unit_row,
-                                                rows=nsl * mc))
+                                                rows=min(-(-t.cols // C) - s0, k) * mc))
                     srcs.append((Mem.ACC, lay[1]))
                 elif lay[0] == "acc":
                     srcs.append((Mem.ACC, lay[1]))
                 else:
                     srcs.append((Mem.SP, lay[1]))
-            outs = [(Mem.SP if w == "sp" else Mem.ACC, a) for w, a in lay_out]
-            vec += build(mc, srcs, outs, tmp, params_at)
-            body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
+            outs = [(Mem.SP if w == "sp" else Mem.ACC, a) for w, a in lay_out[c % buffers]]
+            vec += build(mc, srcs, outs, tmp, params_at, k, s0)
+            # the output rows are free once the stores of the chunk before in this buffer are done
+            body += _tokens_first_last(vec, {L} | ({S} if c >= buffers else set()), {L, S})
             stores = []
-            for (t, where), (w, a) in zip(outputs, lay_out):
+            for (t, where), (w, a) in zip(outputs, lay_out[c % buffers]):
                 stores += self.store_slices(Mem.SP if w == "sp" else Mem.ACC, a, t, r0, mc,
-                                            Esp if w == "sp" else C)
+                                            Esp if w == "sp" else C, s0, k)
             body += _tokens_first_last(stores, {V}, {V})
-        self.emit_kernel(node.name, node, body, f"{detail}, {-(-M // m)} chunks of {m} rows")
+        shape = f"{len(chunks)} chunks of {m} rows" + (f" x {ns} column slices" if ns != nsl else "") + (
+            ", double-buffered" if buffers == 2 else "")
+        self.emit_kernel(node.name, node, body, f"{detail}, {shape}")
+
+    def column_chunk(self, M: int, nsl: int, *, acc_fixed: int, acc_u: int, sp_u: int) -> tuple[int, int]:
+        """Rows and column slices of an elementwise kernel's chunk: as many rows as fit (all of
+        them when one slice of every row fits), then as many slices as fit; (0, 1) when not even
+        one row of one slice fits. ``acc_u`` / ``sp_u``: on-chip rows per row and slice."""
+        cfg = self.cfg
+        acc_free, sp_free = cfg.acc_rows - acc_fixed, cfg.sp_rows
+        if acc_free < 0:
+            return 0, 1
+        rows = min(M, (1 << 16) - 1, acc_free // acc_u if acc_u else M, sp_free // sp_u if sp_u else M)
+        if rows < 1:
+            return 0, 1
+        if rows < M:
+            n = -(-M // rows)
+            return -(-M // n), 1  # even row chunks of one slice
+        ns = min(nsl, acc_free // (acc_u * M) if acc_u else nsl, sp_free // (sp_u * M) if sp_u else nsl)
+        ns = min(ns, ((1 << 16) - 1) // M)
+        n = -(-nsl // ns)
+        return M, -(-nsl // n)  # even slice groups
 
     def norm_params(self, p) -> np.ndarray:
         C = self.E_acc
@@ -962,7 +1029,7 @@ class _Lowerer:
             outs.append((self.new_tensor(o, M, D, 1, twin=True), "sp"))
             params.append(self.norm_params(p.twin))
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (mem, a), = srcs
             return [Instruction.make(Opcode.VROW, func="layernorm", src_mem=mem, src=a, dst=dst, param=prm[i],
                                      rows=m, len=D) for i, (_, dst) in enumerate(outs_)]
@@ -978,7 +1045,7 @@ class _Lowerer:
         out = self.out_tensor(node.outputs[0], M, D, 1)
         rows = self.norm_params(p)[:1 + -(-D // self.E_acc)]
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (mem, a), = srcs
             (_, dst), = outs_
             return [Instruction.make(Opcode.VROW, func="rmsnorm", src_mem=mem, src=a, dst=dst, param=prm[0],
@@ -997,12 +1064,12 @@ class _Lowerer:
         C = self.E_acc
         nsl = -(-D // C)
         if p.digits:
-            def produce(m, srcs, tmp, prm):
+            def produce(m, srcs, tmp, prm, ns):
                 (gm, ga), (um, ua) = srcs
                 return [Instruction.make(Opcode.VMAP, func="silu", src_mem=gm, src=ga, dst_mem=Mem.ACC, dst=tmp,
-                                         param=prm, rows=nsl * m),
+                                         param=prm, rows=ns * m),
                         Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
-                                         dst_mem=Mem.ACC, dst=tmp, param=prm + 1, rows=nsl * m)]
+                                         dst_mem=Mem.ACC, dst=tmp, param=prm + 1, rows=ns * m)]
 
             self.digit_kernel(node, M, D, [(gate, p.gate, node.inputs[0]), (up, VecIn("int8", p.up_scale), node.inputs[1])],
                               np.vstack([param_rows([p.silu_in, p.silu_out], C), param_rows([p.mul_word], C)]),
@@ -1018,23 +1085,23 @@ class _Lowerer:
             rq[1::2] = words.reshape(nsl, C)
             params.append(rq)
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (gm, ga), (um, ua) = srcs
             (_, dst), = outs_
             ins = [Instruction.make(Opcode.VMAP, func="silu", src_mem=gm, src=ga, dst_mem=Mem.ACC, dst=tmp,
-                                    param=prm[0], rows=nsl * m)]
+                                    param=prm[0], rows=ns * m)]
             if not per_channel:
                 return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
-                                               dst_mem=Mem.SP, dst=dst, param=prm[1], rows=nsl * m)]
+                                               dst_mem=Mem.SP, dst=dst, param=prm[1], rows=ns * m)]
             ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=tmp, b_mem=um, b=ua,
-                                        dst_mem=Mem.ACC, dst=tmp, param=prm[1], rows=nsl * m))
-            ins += [Instruction.make(Opcode.REQUANT, src=tmp + s * m, dst=dst + s * m, rows=m, param=prm[2] + 2 * s)
-                    for s in range(nsl)]
+                                        dst_mem=Mem.ACC, dst=tmp, param=prm[1], rows=ns * m))
+            ins += [Instruction.make(Opcode.REQUANT, src=tmp + s * m, dst=dst + s * m, rows=m,
+                                     param=prm[2] + 2 * (s0 + s)) for s in range(ns)]
             return ins
 
         self.vector_kernel(node, M, [(gate, p.gate, node.inputs[0]), (up, VecIn("int8", p.up_scale), node.inputs[1])],
                            build, [(out, "sp")], params, nsl,
-                           f"swiglu {M}x{D}" + (", per-channel requant" if per_channel else ""))
+                           f"swiglu {M}x{D}" + (", per-channel requant" if per_channel else ""), columns=True)
 
     def lower_gelu(self, node: Node) -> None:
         p = self.qg.gelus[node.name]
@@ -1045,9 +1112,9 @@ class _Lowerer:
         o = node.outputs[0]
         if p.digits:
             self.digit_kernel(node, M, D, [(x, p.src, node.inputs[0])], param_rows([p.word_in, p.word_out], C),
-                              lambda m, srcs, tmp, prm: [Instruction.make(
+                              lambda m, srcs, tmp, prm, ns: [Instruction.make(
                                   Opcode.VMAP, func="gelu", src_mem=srcs[0][0], src=srcs[0][1], dst_mem=Mem.ACC,
-                                  dst=tmp, param=prm, rows=nsl * m)], f"gelu {M}x{D} from {p.src.kind}",
+                                  dst=tmp, param=prm, rows=ns * m)], f"gelu {M}x{D} from {p.src.kind}",
                               in_place=p.src.kind in ("int32", "widen"), factors=p.digit_factors)
             return
         out = self.out_tensor(o, M, D, 1)
@@ -1060,26 +1127,27 @@ class _Lowerer:
             rq[1::2] = words.reshape(nsl, C)
             params.append(rq)
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (mem, a), = srcs
             (_, dst), = outs_
             if not per_channel:
                 return [Instruction.make(Opcode.VMAP, func="gelu", src_mem=mem, src=a, dst_mem=Mem.SP, dst=dst,
-                                         param=prm[0], rows=nsl * m)]
+                                         param=prm[0], rows=ns * m)]
             mid = a if mem == Mem.ACC else tmp  # int32 input: GELU in place
             ins = [Instruction.make(Opcode.VMAP, func="gelu", src_mem=mem, src=a, dst_mem=Mem.ACC, dst=mid,
-                                    param=prm[0], rows=nsl * m)]
-            ins += [Instruction.make(Opcode.REQUANT, src=mid + s * m, dst=dst + s * m, rows=m, param=prm[1] + 2 * s)
-                    for s in range(nsl)]
+                                    param=prm[0], rows=ns * m)]
+            ins += [Instruction.make(Opcode.REQUANT, src=mid + s * m, dst=dst + s * m, rows=m,
+                                     param=prm[1] + 2 * (s0 + s)) for s in range(ns)]
             return ins
 
         self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, [(out, "sp")], params,
                            nsl if per_channel and p.src.kind == "int8" else 0,
-                           f"gelu {M}x{D} from {p.src.kind}" + (", per-channel requant" if per_channel else ""))
+                           f"gelu {M}x{D} from {p.src.kind}" + (", per-channel requant" if per_channel else ""),
+                           columns=True)
 
     def digit_kernel(self, node: Node, M: int, D: int, inputs: list, params: np.ndarray, produce: Callable,
                      detail: str, in_place: bool = False, factors: np.ndarray | None = None) -> None:
-        """A vector kernel whose int32 result (``produce(m, srcs, x, param_row)`` writes it to the
+        """A vector kernel whose int32 result (``produce(m, srcs, x, param_row, ns)`` writes it to the
         accumulator rows at ``x``, at the output's scale) leaves as a two-digit tensor
         (``quantize.digit_values``): ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with
         rows of -16, ``lo = vbin add(x, -16 hi)``; hi and lo stored as two int8 planes.
@@ -1106,14 +1174,14 @@ class _Lowerer:
                                              np.tile(np.asarray(factors, np.int8), (M, 1))), M, D, 1),
                           VecIn("int8", 1.0), "digit factors"))
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (hm, ha), (lm, la) = outs_
             neg_mem, neg_at = srcs[len(inputs)]
-            rows = nsl * m
+            rows = ns * m
             if in_place and srcs[0][0] != Mem.ACC:
                 self.fail(node, "in-place digit split needs its input in accumulator rows")
             x12, prod = (srcs[0][1], tmp) if in_place else (tmp, tmp + rows)
-            ins = produce(m, srcs[:len(inputs)], x12, prm[0])
+            ins = produce(m, srcs[:len(inputs)], x12, prm[0], ns)
             if factors is not None:
                 fm, fa = srcs[len(inputs) + 1]
                 ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=x12, b_mem=fm, b=fa,
@@ -1122,7 +1190,7 @@ class _Lowerer:
 
         self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")], words,
                            nsl if in_place else 2 * nsl,
-                           detail + ", two-digit output" + (" per channel" if factors is not None else ""))
+                           detail + ", two-digit output" + (" per channel" if factors is not None else ""), columns=True)
 
     def lower_add(self, node: Node) -> None:
         p = self.qg.adds[node.name]
@@ -1134,15 +1202,15 @@ class _Lowerer:
         wide = p.output == "int32"
         out = self.out_tensor(node.outputs[0], M, D, 4 if wide else 1)
 
-        def build(m, srcs, outs_, tmp, prm):
+        def build(m, srcs, outs_, tmp, prm, ns, s0):
             (am, aa), (bm, ba) = srcs
             (om, oa), = outs_
             return [Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=bm, b=ba, dst_mem=om, dst=oa,
-                                     param=prm[0], rows=nsl * m)]
+                                     param=prm[0], rows=ns * m)]
 
         self.vector_kernel(node, M, [(a, p.a, node.inputs[0]), (b, p.b, node.inputs[1])], build,
                            [(out, "acc" if wide else "sp")], [param_rows([p.word_a, p.word_b], C)], 0,
-                           f"add {M}x{D} ({p.a.kind} + {p.b.kind} -> {p.output})")
+                           f"add {M}x{D} ({p.a.kind} + {p.b.kind} -> {p.output})", columns=True)
 
     # ------------------------------------------------------------------ tensors
     def tensor_in(self, node: Node, name: str) -> _Tensor:

@@ -222,6 +222,21 @@ DECODER_CALIBRATION: list = [
     "import numpy as np\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\nprint(mean([1, 2, 3]))",
     "Photosynthesis is the process by which green plants use sunlight to synthesise food from carbon "
     "dioxide and water. It generally involves the green pigment chlorophyll and generates oxygen.",
+    [{"role": "user", "content": "Can you recommend a good book for a long flight?"}],
+    [{"role": "user", "content": "How does a bicycle gear system work?"}],
+    [{"role": "user", "content": "Write a short poem about winter mornings."}],
+    [{"role": "user", "content": "What should I pack for a weekend of camping?"}],
+    [{"role": "user", "content": "Convert 5 kilometres to miles and show the working."}],
+    "Chapter 1. It was raining when Anna arrived at the station. She pulled her coat tighter, looked "
+    "at the empty platform and wondered whether her brother had forgotten her letter.",
+    "Ingredients: 200 g flour, 2 eggs, 300 ml milk, a pinch of salt. Whisk the eggs and milk, add the "
+    "flour slowly, and let the batter rest for thirty minutes before frying the pancakes.",
+    "SELECT name, COUNT(*) AS orders FROM customers JOIN orders ON customers.id = orders.customer_id "
+    "GROUP BY name ORDER BY orders DESC LIMIT 10;",
+    "The treaty was signed in 1648 after thirty years of war, and it changed the map of Europe. "
+    "Historians still argue about how much it shaped the modern idea of the sovereign state.",
+    "Q: What is the boiling point of nitrogen? A: About minus 196 degrees Celsius at sea level. "
+    "Q: And of helium? A: Close to minus 269 degrees, only a few degrees above absolute zero.",
 ]
 
 #: Held-out English text for perplexity (written for this benchmark; >= 512 tokens).
