@@ -728,18 +728,31 @@ class _Lowerer:
         n_sp = -(-Skv // self.E_sp)
         what = f"softmax over {Skv} keys"
         fixed = 2 if digits else 0  # the split's parameter rows
-        acc_row, sp_row = (2 * n_acc, 3 * n_sp) if digits else (n_acc, n_sp)  # + probabilities; + -16 rows, lo
-        m = self.chunk(node, Sq, acc_fixed=1 + fixed, acc_per_row=acc_row, sp_per_row=sp_row, what=what)
-        nrec = 1
-        if causal:  # the causal offset counts from each chunk's first row: one record per chunk
-            for _ in range(4):
-                nrec = -(-Sq // m)
-                m2 = self.chunk(node, Sq, acc_fixed=nrec + fixed, acc_per_row=acc_row, sp_per_row=sp_row, what=what)
-                if -(-Sq // m2) <= nrec:
+        acc_row, sp_row = (2 * n_acc, 2 * n_sp) if digits else (n_acc, n_sp)  # per buffer: + probabilities; + lo
+        neg_row = n_sp if digits else 0  # the rows of -16, shared by the buffers
+
+        def plan(buffers: int) -> tuple[int, int]:
+            """Rows per chunk and records (one per chunk for a causal softmax, whose offset counts
+            from each chunk's first row)."""
+            per_acc, per_sp = buffers * acc_row, buffers * sp_row + neg_row
+            m = self.chunk(node, Sq, acc_fixed=1 + fixed, acc_per_row=per_acc, sp_per_row=per_sp, what=what)
+            if causal:
+                for _ in range(4):
+                    nrec = -(-Sq // m)
+                    m2 = self.chunk(node, Sq, acc_fixed=nrec + fixed, acc_per_row=per_acc, sp_per_row=per_sp,
+                                    what=what)
+                    if -(-Sq // m2) <= nrec:
+                        m = m2
+                        break
                     m = m2
-                    break
-                m = m2
-            nrec = -(-Sq // m)
+                return m, -(-Sq // m)
+            return m, 1
+
+        m, nrec = plan(1)
+        buffers = 1
+        if -(-Sq // m) > 1 and Sq >= 2:  # several chunks: two buffers let loads and stores overlap the rows
+            buffers = 2
+            m, nrec = plan(2)
         src = nrec
         if nrec == 1:
             body = [_ld(Mem.ACC, 0, rec_addr, 1, 3, 0)]
@@ -751,7 +764,7 @@ class _Lowerer:
             for c in range(nrec):
                 recs[c, :3] = [word, kv, off + c * m]
             body = [_ld(Mem.ACC, 0, self.const(f"{node.name}.softmax_records", recs), nrec, 3, self.E_acc * 4)]
-        neg = hi_at = 0
+        neg = sp0 = 0
         if digits:  # the split's words (after the records) and m * n_sp rows of -16, loaded once
             key = ("softmax_digits", self.E_acc)
             if key not in self.shared_consts:
@@ -763,25 +776,40 @@ class _Lowerer:
                 self.shared_consts[key] = self.const(f"softmax.neg{DIGIT_BASE}.{m * n_sp}",
                                                      np.full((m * n_sp, self.E_sp), -DIGIT_BASE, dtype=np.int8))
             body.append(_ld(Mem.SP, 0, self.shared_consts[key], m * n_sp, self.E_sp, self.E_sp))
-            src, hi_at = nrec + 2, m * n_sp
+            src, sp0 = nrec + 2, m * n_sp
         plane = Sq * Skv
-        for c, r0 in enumerate(range(0, Sq, m)):
-            prm = c if nrec > 1 else 0
-            mc = min(m, Sq - r0)
-            loads = [_ld(Mem.ACC, src + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
+        # per buffer: accumulator rows of the scores (and the wide probabilities), scratchpad rows of
+        # the int8 probabilities (hi and lo planes)
+        acc_at = [src + b * acc_row * m for b in range(buffers)]
+        sp_at = [sp0 + b * sp_row * m for b in range(buffers)]
+        chunks = [(r0, min(m, Sq - r0)) for r0 in range(0, Sq, m)]
+
+        def loads_of(c):
+            r0, mc = chunks[c]
+            loads = [_ld(Mem.ACC, acc_at[c % buffers] + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
                          min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
-            body += _tokens_first_last(loads, {V} if c else set(), {V})
+            return _tokens_first_last(loads, {V} if c >= buffers else set(), {V})
+
+        if buffers == 2:
+            body += loads_of(0)
+        for c, (r0, mc) in enumerate(chunks):
+            if buffers == 1:
+                body += loads_of(c)
+            elif c + 1 < len(chunks):  # the next chunk's scores load while this chunk's rows run
+                body += loads_of(c + 1)
+            prm = c if nrec > 1 else 0
+            a0, s_0 = acc_at[c % buffers], sp_at[c % buffers]
             if digits:
-                p_at, lo_at, rows = src + n_acc * mc, hi_at + n_sp * mc, n_acc * mc
-                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=p_at, param=prm,
+                p_at, hi_at, lo_at, rows = a0 + n_acc * mc, s_0, s_0 + n_sp * mc, n_acc * mc
+                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=p_at, param=prm,
                                         rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1)]
-                vec += _digit_split(p_at, (Mem.SP, hi_at), (Mem.SP, neg), src, (Mem.SP, lo_at), nrec, nrec + 1, rows)
+                vec += _digit_split(p_at, (Mem.SP, hi_at), (Mem.SP, neg), a0, (Mem.SP, lo_at), nrec, nrec + 1, rows)
                 outs = ((hi_at, 0), (lo_at, plane))
             else:
-                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=src, dst=0, param=prm,
+                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=s_0, param=prm,
                                         rows=mc, len=Skv, causal=int(causal), unsigned=0)]
-                outs = ((0, 0),)
-            body += _tokens_first_last(vec, {L} | ({S} if c else set()), {L, S})
+                outs = ((s_0, 0),)
+            body += _tokens_first_last(vec, {L} | ({S} if c >= buffers else set()), {L, S})
             stores = [_st(Mem.SP, at + s * mc, probs_addr + off + r0 * Skv + s * self.E_sp, mc,
                           min(self.E_sp, Skv - s * self.E_sp), Skv) for at, off in outs for s in range(n_sp)]
             body += _tokens_first_last(stores, {V}, {V})
