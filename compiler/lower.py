@@ -750,9 +750,12 @@ class _Lowerer:
 
         m, nrec = plan(1)
         buffers = 1
-        if -(-Sq // m) > 1 and Sq >= 2:  # several chunks: two buffers let loads and stores overlap the rows
-            buffers = 2
-            m, nrec = plan(2)
+        if -(-Sq // m) > 1:  # several chunks: two buffers let loads and stores overlap the rows
+            try:
+                m, nrec = plan(2)
+                buffers = 2
+            except LoweringError:  # two buffers of even one row do not fit: keep one
+                pass
         src = nrec
         if nrec == 1:
             body = [_ld(Mem.ACC, 0, rec_addr, 1, 3, 0)]
