@@ -140,6 +140,27 @@ def _tokens_first_last(instrs: list[Instruction], wait: set, signal: set) -> lis
     return out
 
 
+def _pipelined(n: int, buffers: int, loads: Callable, vector: Callable, stores: Callable) -> list[Instruction]:
+    """Chunks ``0 .. n-1`` of a vector kernel as LOADs, vector work and STOREs (``loads(c)``,
+    ``vector(c)``, ``stores(c)``: chunk c's instructions, in on-chip buffer ``c % buffers``),
+    ordered by tokens: a chunk's loads wait for the vector queue to be done with the chunk before
+    in the same buffer, its vector work for the loads and for the stores of that chunk, its
+    stores for the vector work. With two buffers the next chunk's loads are issued ahead of this
+    chunk's vector work, so they run beside it."""
+    def ld(c):
+        return _tokens_first_last(loads(c), {V} if c >= buffers else set(), {V})
+
+    out = ld(0) if buffers == 2 and n else []
+    for c in range(n):
+        if buffers == 1:
+            out += ld(c)
+        elif c + 1 < n:
+            out += ld(c + 1)
+        out += _tokens_first_last(vector(c), {L} | ({S} if c >= buffers else set()), {L, S})
+        out += _tokens_first_last(stores(c), {V}, {V})
+    return out
+
+
 def _digit_split(x: int, hi: tuple, neg: tuple, prod: int, lo: tuple, hi_param: int, unit_param: int,
                  rows: int) -> list[Instruction]:
     """The vector unit's digit split of int32 accumulator rows at ``x`` (``reference.digit_split``):
@@ -789,34 +810,32 @@ class _Lowerer:
 
         def loads_of(c):
             r0, mc = chunks[c]
-            loads = [_ld(Mem.ACC, acc_at[c % buffers] + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
-                         min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
-            return _tokens_first_last(loads, {V} if c >= buffers else set(), {V})
+            return [_ld(Mem.ACC, acc_at[c % buffers] + s * mc, scores_addr + (r0 * Skv + s * self.E_acc) * 4, mc,
+                        min(self.E_acc, Skv - s * self.E_acc), Skv * 4) for s in range(n_acc)]
 
-        if buffers == 2:
-            body += loads_of(0)
-        for c, (r0, mc) in enumerate(chunks):
-            if buffers == 1:
-                body += loads_of(c)
-            elif c + 1 < len(chunks):  # the next chunk's scores load while this chunk's rows run
-                body += loads_of(c + 1)
+        def planes(c):  # (scratchpad row, byte offset of its plane) of chunk c's int8 probabilities
+            s_0 = sp_at[c % buffers]
+            return ((s_0, 0), (s_0 + n_sp * chunks[c][1], plane)) if digits else ((s_0, 0),)
+
+        def vector_of(c):
+            mc = chunks[c][1]
             prm = c if nrec > 1 else 0
-            a0, s_0 = acc_at[c % buffers], sp_at[c % buffers]
-            if digits:
-                p_at, hi_at, lo_at, rows = a0 + n_acc * mc, s_0, s_0 + n_sp * mc, n_acc * mc
-                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=p_at, param=prm,
-                                        rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1)]
-                vec += _digit_split(p_at, (Mem.SP, hi_at), (Mem.SP, neg), a0, (Mem.SP, lo_at), nrec, nrec + 1, rows)
-                outs = ((hi_at, 0), (lo_at, plane))
-            else:
-                vec = [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=s_0, param=prm,
-                                        rows=mc, len=Skv, causal=int(causal), unsigned=0)]
-                outs = ((s_0, 0),)
-            body += _tokens_first_last(vec, {L} | ({S} if c >= buffers else set()), {L, S})
-            stores = [_st(Mem.SP, at + s * mc, probs_addr + off + r0 * Skv + s * self.E_sp, mc,
-                          min(self.E_sp, Skv - s * self.E_sp), Skv) for at, off in outs for s in range(n_sp)]
-            body += _tokens_first_last(stores, {V}, {V})
-        return body
+            a0, out = acc_at[c % buffers], planes(c)
+            if not digits:
+                return [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=out[0][0],
+                                         param=prm, rows=mc, len=Skv, causal=int(causal), unsigned=0)]
+            p_at = a0 + n_acc * mc
+            return [Instruction.make(Opcode.VROW, func="softmax", src_mem=Mem.ACC, src=a0, dst=p_at, param=prm,
+                                     rows=mc, len=Skv, causal=int(causal), unsigned=0, wide=1),
+                    *_digit_split(p_at, (Mem.SP, out[0][0]), (Mem.SP, neg), a0, (Mem.SP, out[1][0]), nrec, nrec + 1,
+                                  n_acc * mc)]
+
+        def stores_of(c):
+            r0, mc = chunks[c]
+            return [_st(Mem.SP, at + s * mc, probs_addr + off + r0 * Skv + s * self.E_sp, mc,
+                        min(self.E_sp, Skv - s * self.E_sp), Skv) for at, off in planes(c) for s in range(n_sp)]
+
+        return body + _pipelined(len(chunks), buffers, loads_of, vector_of, stores_of)
 
     # ------------------------------------------------------------------ vector kernels
     def chunk(self, node, M, *, acc_fixed=0, acc_per_row=0, sp_fixed=0, sp_per_row=0, what="") -> int:
@@ -981,16 +1000,10 @@ class _Lowerer:
                     fi += 1
                 else:
                     loads += self.load_slices(Mem.SP, lay[1], t, r0, mc, C, s0, k)
-            # the buffer is free once the vector unit is done with the chunk before in it
-            return _tokens_first_last(loads, {V} if c >= buffers else set(), {V})
+            return loads
 
-        if buffers == 2:
-            body += loads_of(0)
-        for c, (r0, mc, s0, k) in enumerate(chunks):
-            if buffers == 1:
-                body += loads_of(c)
-            elif c + 1 < len(chunks):  # the next chunk's loads go ahead of this chunk's vector work
-                body += loads_of(c + 1)
+        def vector_of(c):
+            r0, mc, s0, k = chunks[c]
             vec = []
             srcs = []
             for (t, src, _), lay in zip(inputs, lay_in[c % buffers]):
@@ -1004,14 +1017,17 @@ class _Lowerer:
                 else:
                     srcs.append((Mem.SP, lay[1]))
             outs = [(Mem.SP if w == "sp" else Mem.ACC, a) for w, a in lay_out[c % buffers]]
-            vec += build(mc, srcs, outs, tmp, params_at, k, s0)
-            # the output rows are free once the stores of the chunk before in this buffer are done
-            body += _tokens_first_last(vec, {L} | ({S} if c >= buffers else set()), {L, S})
+            return vec + build(mc, srcs, outs, tmp, params_at, k, s0)
+
+        def stores_of(c):
+            r0, mc, s0, k = chunks[c]
             stores = []
             for (t, where), (w, a) in zip(outputs, lay_out[c % buffers]):
                 stores += self.store_slices(Mem.SP if w == "sp" else Mem.ACC, a, t, r0, mc,
                                             Esp if w == "sp" else C, s0, k)
-            body += _tokens_first_last(stores, {V}, {V})
+            return stores
+
+        body += _pipelined(len(chunks), buffers, loads_of, vector_of, stores_of)
         shape = f"{len(chunks)} chunks of {m} rows" + (f" x {ns} column slices" if ns != nsl else "") + (
             ", double-buffered" if buffers == 2 else "")
         self.emit_kernel(node.name, node, body, f"{detail}, {shape}")
