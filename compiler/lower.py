@@ -859,19 +859,30 @@ class _Lowerer:
         n = -(-M // m)
         return -(-M // n)  # even chunks
 
+    @staticmethod
+    def _slice_moves(make, mem, local, t: _Tensor, r0, mc, E, s0, ns) -> list[Instruction]:
+        """One LOAD or STORE (``make``) per column slice of ``mc`` rows; for one row (a decode
+        step's tensors) the row's whole slices are contiguous in device memory, so one
+        instruction moves them all (a slice per on-chip row), and one more the partial last."""
+        n = -(-t.cols // E)
+        last = n if ns is None else min(n, s0 + ns)
+        base = t.address + r0 * t.stride
+        if mc == 1:
+            full = min(last, t.cols // E) - s0
+            out = [make(mem, local, base + s0 * E * t.esize, full, E, E * t.esize)] if full > 0 else []
+            return out + [make(mem, local + s - s0, base + s * E * t.esize, 1, t.cols - s * E, E * t.esize)
+                          for s in range(s0 + max(full, 0), last)]
+        return [make(mem, local + (s - s0) * mc, base + s * E * t.esize, mc, min(E, t.cols - s * E), t.stride)
+                for s in range(s0, last)]
+
     def load_slices(self, mem, local, t: _Tensor, r0, mc, E, s0=0, ns=None) -> list[Instruction]:
         """LOADs of rows ``[r0, r0 + mc)`` and column slices ``[s0, s0 + ns)`` (of ``E`` elements;
         default all) of ``t``, slice-major from on-chip row ``local``."""
-        n = -(-t.cols // E)
-        last = n if ns is None else min(n, s0 + ns)
-        return [_ld(mem, local + (s - s0) * mc, t.address + r0 * t.stride + s * E * t.esize, mc,
-                    min(E, t.cols - s * E), t.stride) for s in range(s0, last)]
+        return self._slice_moves(_ld, mem, local, t, r0, mc, E, s0, ns)
 
     def store_slices(self, mem, local, t: _Tensor, r0, mc, E, s0=0, ns=None) -> list[Instruction]:
-        n = -(-t.cols // E)
-        last = n if ns is None else min(n, s0 + ns)
-        return [_st(mem, local + (s - s0) * mc, t.address + r0 * t.stride + s * E * t.esize, mc,
-                    min(E, t.cols - s * E), t.stride) for s in range(s0, last)]
+        """STOREs of the same rows and slices (the inverse of :meth:`load_slices`)."""
+        return self._slice_moves(_st, mem, local, t, r0, mc, E, s0, ns)
 
     def vec_source(self, node, name: str, src: VecIn) -> _Tensor:
         if src.twin:
@@ -994,9 +1005,13 @@ class _Lowerer:
                     loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C, s0, k)
                 elif lay[0] == "widen":
                     loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C, s0, k)
-                    last = min(-(-t.cols // C), s0 + k)  # the factor row of each slice, repeated down the chunk
-                    loads += [_ld(Mem.ACC, lay[3] + (s - s0) * mc, fac_consts[fi] + s * C * 4, mc,
-                                  min(C, t.cols - s * C), 0) for s in range(s0, last)]
+                    # the factor row of each slice, repeated down the chunk (a one-row chunk: as one row)
+                    if mc == 1:
+                        loads += self.load_slices(Mem.ACC, lay[3], _Tensor(fac_consts[fi], 1, t.cols, 4), 0, 1, C,
+                                                  s0, k)
+                    else:
+                        loads += [_ld(Mem.ACC, lay[3] + (s - s0) * mc, fac_consts[fi] + s * C * 4, mc,
+                                      min(C, t.cols - s * C), 0) for s in range(s0, min(-(-t.cols // C), s0 + k))]
                     fi += 1
                 else:
                     loads += self.load_slices(Mem.SP, lay[1], t, r0, mc, C, s0, k)
@@ -1089,8 +1104,15 @@ class _Lowerer:
         p = self.qg.norms[node.name]
         x = self.vec_source(node, node.inputs[0], p.src)
         M, D = x.rows, x.cols
-        out = self.out_tensor(node.outputs[0], M, D, 1)
         rows = self.norm_params(p)[:1 + -(-D // self.E_acc)]
+        if p.digits:  # int32 (wide) into accumulator rows, then the digit split; a row op: row chunks
+            self.digit_kernel(node, M, D, [(x, p.src, node.inputs[0])], rows,
+                              lambda m, srcs, tmp, prm, ns: [Instruction.make(
+                                  Opcode.VROW, func="rmsnorm", src_mem=srcs[0][0], src=srcs[0][1], dst=tmp,
+                                  param=prm, rows=m, len=D, wide=1)], f"rmsnorm {M}x{D} from {p.src.kind}",
+                              columns=False)
+            return
+        out = self.out_tensor(node.outputs[0], M, D, 1)
 
         def build(m, srcs, outs_, tmp, prm, ns, s0):
             (mem, a), = srcs
@@ -1193,7 +1215,8 @@ class _Lowerer:
                            columns=True)
 
     def digit_kernel(self, node: Node, M: int, D: int, inputs: list, params: np.ndarray, produce: Callable,
-                     detail: str, in_place: bool = False, factors: np.ndarray | None = None) -> None:
+                     detail: str, in_place: bool = False, factors: np.ndarray | None = None,
+                     columns: bool = True) -> None:
         """A vector kernel whose int32 result (``produce(m, srcs, x, param_row, ns)`` writes it to the
         accumulator rows at ``x``, at the output's scale) leaves as a two-digit tensor
         (``quantize.digit_values``): ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with
@@ -1201,7 +1224,8 @@ class _Lowerer:
         ``factors`` (per-channel digit scales): first ``x = vbin mul(x, factor rows)`` rounded by
         ``2^DIGIT_FINE_SHIFT`` (``reference.digit_channels``). ``in_place``: the first input is in
         accumulator rows and ``x`` may overwrite it (fewer accumulator rows per token, longer
-        chunks)."""
+        chunks). ``columns``: the result is elementwise (False for a row operation such as a norm:
+        then a chunk is whole rows)."""
         C = self.E_acc
         nsl = -(-D // C)
         buf = self.new_tensor(node.outputs[0], 2 * M, D, 1)
@@ -1237,7 +1261,8 @@ class _Lowerer:
 
         self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")], words,
                            nsl if in_place else 2 * nsl,
-                           detail + ", two-digit output" + (" per channel" if factors is not None else ""), columns=True)
+                           detail + ", two-digit output" + (" per channel" if factors is not None else ""),
+                           columns=columns)
 
     def lower_add(self, node: Node) -> None:
         p = self.qg.adds[node.name]

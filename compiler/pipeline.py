@@ -76,7 +76,8 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
                         alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA,
                         int32_outputs=(), fixed_scales=None, digits: bool = DEFAULT_DIGITS,
                         digit_alpha: float = DEFAULT_DIGIT_ALPHA,
-                        prob_digits: bool = DEFAULT_PROB_DIGITS, wide_linears: bool = False) -> QuantizedGraph:
+                        prob_digits: bool = DEFAULT_PROB_DIGITS, wide_linears: bool = False,
+                        norm_digits: bool = False) -> QuantizedGraph:
     """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
     cal = Calibrator(graph)
     for feeds in batches:
@@ -87,7 +88,7 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
                     vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
                     amax=cal.amax, int32_outputs=int32_outputs, fixed_scales=fixed_scales, digits=digits,
                     digit_channel_scales=cal.channel_scales(digit_alpha) if digits and digit_alpha > 0 else None,
-                    prob_digits=prob_digits, wide_linears=wide_linears)
+                    prob_digits=prob_digits, wide_linears=wide_linears, norm_digits=norm_digits)
 
 
 def compile_graph(graph: Graph, config: AcceleratorConfig, batches, *, model: str = "",

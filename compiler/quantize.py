@@ -135,6 +135,7 @@ class NormParams:
     gain: np.ndarray  # int32 [L]
     bias: np.ndarray  # int32 [L]
     twin: "NormParams | None" = None  # second output with other (per-channel) scales, for vector consumers
+    digits: bool = False  # int32 (``vrow`` wide) at ``out_scale``, then the digit split
 
 
 @dataclass
@@ -439,6 +440,18 @@ def digit_values(graph: Graph) -> set[str]:
                                                for u in cons[n.outputs[0]])}
 
 
+def norm_digit_values(graph: Graph) -> set[str]:
+    """RMSNorm outputs read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs), for
+    ``quantize(norm_digits=True)``. (A post-norm encoder's LayerNorm outputs also feed residual
+    Adds; all-MiniLM-L6-v2 with two-digit LayerNorm outputs was studied, not built: docs/compiler.md.)"""
+    cons = graph.consumers()
+    outputs = {o.name for o in graph.outputs}
+    return {n.outputs[0] for n in graph.nodes
+            if n.op == "RMSNorm" and n.device == "device" and n.outputs[0] not in outputs
+            and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
+                                               for u in cons[n.outputs[0]])}
+
+
 def _digit_scales(target: np.ndarray, ratio: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """Per-channel two-digit scales the vector unit can produce: the producer's int32 holds
     channel c at ``fine * r_c`` (``ratio``, default 1: one fine scale; less where an input of
@@ -477,7 +490,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
              amax: Mapping[str, float] | None = None, int32_outputs: Iterable[str] = (),
              fixed_scales: Mapping[str, float] | None = None, digits: bool = False,
              digit_channel_scales: Mapping[str, np.ndarray] | None = None,
-             prob_digits: bool = False, wide_linears: bool = False) -> QuantizedGraph:
+             prob_digits: bool = False, wide_linears: bool = False, norm_digits: bool = False) -> QuantizedGraph:
     """Quantize ``graph``'s device ops with the given activation scales (from :func:`calibrate`).
 
     ``keep_wide`` (default): see :func:`wide_values`; False makes every device tensor int8.
@@ -496,7 +509,10 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     (int32 at 1/2047) held as two int8 digits through ``P v`` instead of int8 at 1/127.
     ``wide_linears``: a bias-free Linear read only by int32 residual adds (a decoder's o and down
     projections) hands them its accumulators on one int32 scale (:func:`quantize_weight_factored`,
-    then ``vbin mul`` by the factors) instead of an int8 tensor."""
+    then ``vbin mul`` by the factors) instead of an int8 tensor. ``norm_digits``: an RMSNorm output
+    read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs) becomes a two-digit
+    tensor: the norm writes int32 at 127/2047 of its int8 scale (per channel, in its gains),
+    split into digits."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -563,6 +579,13 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
         if s is None:
             raise QuantizeError(f"{node.name} ({node.op}): no activation scale for {name!r}; calibrate first")
         return s if isinstance(s, np.ndarray) else float(s)
+
+    if norm_digits:
+        for name in norm_digit_values(graph):
+            if any(u.outputs[0] in int32_outputs for u in cons[name]):  # a digit GEMM ends in REQUANT
+                continue
+            # the norm's per-channel gains give any per-channel scale: 16x the int8 one
+            qg.digits[name] = scales[name] = need(name, prod[name]) * 127.0 / DIGIT_MAX
 
     def peak(name: str, node: Node) -> float:
         if name in amax:
@@ -688,7 +711,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             src = vec_in(x, n)
             rows = rmsnorm_params(src.scale, w, need(n.outputs[0], n), cols=1)
             qg.norms[n.name] = NormParams(src=src, out_scale=need(n.outputs[0], n), shift=int(rows[0, 0]),
-                                          gain=rows[1:1 + w.size, 0].astype(np.int32), bias=np.zeros(w.size, np.int32))
+                                          gain=rows[1:1 + w.size, 0].astype(np.int32), bias=np.zeros(w.size, np.int32),
+                                          digits=n.outputs[0] in qg.digits)
         elif n.op == "Rope":
             si, so = tensor_scale(n.inputs[0], n), tensor_scale(n.outputs[0], n)
             word = int(rope_params(si, so, frac_bits=ROPE_FRAC_BITS, cols=1)[0, 0])

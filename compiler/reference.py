@@ -523,10 +523,13 @@ def _int8_add(qg, node: Node, a, b):
 
 @register_int8_op("RMSNorm")
 def _int8_rmsnorm(qg, node: Node, x, w=None):
-    """``vrow rmsnorm`` over the last axis -> int8 (per-tensor or per-channel gains)."""
+    """``vrow rmsnorm`` over the last axis -> int8 (per-tensor or per-channel gains), or int32
+    (``vrow`` wide) split into two digits."""
     p = qg.norms[node.name]
     xi = vector_input(x, p.src)
     L = xi.shape[-1]
+    if p.digits:
+        return digit_split(rmsnorm_rows(xi.reshape(-1, L), p.shift, p.gain, INT32).reshape(xi.shape), p.out_scale)
     return QTensor(rmsnorm_rows(xi.reshape(-1, L), p.shift, p.gain).reshape(xi.shape).astype(np.int8), p.out_scale)
 
 

@@ -307,8 +307,8 @@ _SPECS = (
                   VROW_FUNCS),
             _mem_field("src_mem", "memory of the input tensor"),
             Field("src", 20, Kind.ADDR, "first row of the input tensor (slice-major)"),
-            Field("dst", 20, Kind.ADDR, "first row of the result: accumulator for max/sum and a wide softmax, "
-                                        "scratchpad otherwise"),
+            Field("dst", 20, Kind.ADDR, "first row of the result: accumulator for max/sum and a wide softmax "
+                                        "or norm, scratchpad otherwise"),
             Field("param", 20, Kind.ADDR, "accumulator row of the parameters (unused by max/sum)"),
             Field("rows", 16, Kind.UINT, "logical rows M (0 does nothing)"),
             Field("len", 16, Kind.UINT, "logical row length L, 1..65535"),
@@ -316,8 +316,9 @@ _SPECS = (
             Field("unsigned", 1, Kind.BOOL, "softmax: uint8 output (scale 1/255) instead of int8 (scale 1/127)"),
             Field("wide", 1, Kind.BOOL, "softmax: int32 probabilities at scale 1/2047 (values 0..2047) written to "
                                         "accumulator rows at dst (slice-major with the accumulator's row width) "
-                                        "instead of int8/uint8 to the scratchpad; takes precedence over `unsigned`; "
-                                        "ignored by the other functions"),
+                                        "instead of int8/uint8 to the scratchpad; takes precedence over `unsigned`. "
+                                        "layernorm/rmsnorm: int32 output (saturated to int32, not int8) to "
+                                        "accumulator rows at dst. Ignored by max and sum"),
         ),
         "Row-wise operation over a logical [rows, len] tensor: reductions, softmax, LayerNorm, RMSNorm.",
         "Tensors are slice-major: with E the row width of the memory (array.cols for `acc`, sp_row_elems "
@@ -330,7 +331,8 @@ _SPECS = (
         "accumulator tensor at dst, 0 for masked keys and for rows with no valid key. "
         "`layernorm`/`rmsnorm`: parameter rows: row param holds the shift sh (16..40); "
         "the next ceil(len/array.cols) rows the gains G; for layernorm the next as many the biases B; "
-        "int8 output to the scratchpad tensor at dst. Elements from len on of the last output slice "
+        "int8 output to the scratchpad tensor at dst (with `wide`, int32 to the accumulator tensor at dst). "
+        "Elements from len on of the last output slice "
         "become 0. dst must equal or not overlap src when both are in the same memory. Exact integer "
         "algorithms in docs/numerics.md.",
     ),

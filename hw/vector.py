@@ -25,7 +25,8 @@ for a ``wide`` softmax, whose 11-bit Q = 2047 needs 3 more quotient bits, so its
 3 cycles more each) and pass 3 writes the probabilities (int8/uint8 to the scratchpad; a
 wide softmax writes int32 to the accumulator); layernorm/rmsnorm's pass 2 sums e^2, then
 one digit-by-digit integer square root (32 cycles) and one division (57 cycles), and pass
-3 reads gain (and bias) rows and writes the output. The pipeline drains between passes of a row; pass 3 of
+3 reads gain (and bias) rows and writes the output (int8 to the scratchpad; a wide norm
+int32 to the accumulator). The pipeline drains between passes of a row; pass 3 of
 row r overlaps pass 1 of row r+1.
 
 Illegal vector instructions (reserved ``func``, ``len = 0``, ``mul``/``rope`` with both
@@ -324,7 +325,8 @@ class RowEngine(wiring.Component):
                             b_acc.eq(vb.b_mem),
                             dst_acc.eq(Mux(is_vbin, vb.dst_mem, Mux(is_vmap, vm.dst_mem,
                                                                      (vr.func == F_MAX) | (vr.func == F_SUM)
-                                                                     | ((vr.func == F_SOFTMAX) & vr.wide)))),
+                                                                     | (((vr.func == F_SOFTMAX) | (vr.func == F_LAYERNORM)
+                                                                         | (vr.func == F_RMSNORM)) & vr.wide)))),
                             a_base.eq(Mux(is_vbin, vb.a, Mux(is_vmap, vm.src, vr.src))),
                             b_base.eq(vb.b),
                             d_base.eq(Mux(is_vbin, vb.dst, Mux(is_vmap, vm.dst, vr.dst))),
@@ -654,7 +656,7 @@ class RowEngine(wiring.Component):
                 with m.Case(F_SOFTMAX | K_VROW << 3):
                     m.d.comb += res.eq(Mux(s_any & C_.sv[l], p_c, 0))
                 with m.Case(F_LAYERNORM | K_VROW << 3, F_RMSNORM | K_VROW << 3):
-                    m.d.comb += res.eq(Mux(C_.lv[l], ar.sat(y_n, -128, 127, 91, "sat_n"), 0))
+                    m.d.comb += res.eq(Mux(C_.lv[l], ar.sat(y_n, dst_lo, dst_hi, 91, "sat_n"), 0))
                 with m.Default():
                     m.d.comb += res.eq(pc[l])
             m.d.sync += yd[l].eq(res)

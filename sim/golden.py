@@ -547,9 +547,10 @@ class GoldenMachine:
         src_mem = Mem(a["src_mem"])
         e_src = self._width(src_mem)
         src = self._check_rows(src_mem, a["src"], -(-L // e_src) * M, index, instr)
-        # A wide softmax writes int32 probabilities (0..2047) to the accumulator, slice-major like
-        # the scratchpad output; `wide` takes precedence over `unsigned` and other funcs ignore it.
-        wide = func == "softmax" and bool(a["wide"])
+        # A wide softmax (int32 probabilities 0..2047) or norm (int32) writes to the accumulator,
+        # slice-major like the scratchpad output; `wide` takes precedence over `unsigned`, and
+        # max/sum ignore it.
+        wide = func in ("softmax", "layernorm", "rmsnorm") and bool(a["wide"])
         reduce = func in ("max", "sum")
         dst_mem = Mem.ACC if reduce or wide else Mem.SP
         e_dst = 1 if reduce else self._width(dst_mem)
@@ -587,9 +588,9 @@ class GoldenMachine:
             gain = words[base:base + L]
             if func == "layernorm":
                 bias = words[base + n_ch * cols:base + n_ch * cols + L]
-                y = vn.layernorm_rows(x, shift, gain, bias)
+                y = vn.layernorm_rows(x, shift, gain, bias, vn.INT32 if wide else vn.INT8)
             else:
-                y = vn.rmsnorm_rows(x, shift, gain)
+                y = vn.rmsnorm_rows(x, shift, gain, vn.INT32 if wide else vn.INT8)
         self._write_rows(dst_mem, dst, q, clock, index, instr)
         target = self._mem(dst_mem)
         target[dst] = 0

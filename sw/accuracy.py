@@ -326,18 +326,20 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
                      choices=None, verbose: bool = True, prompts=None) -> dict:
     """Teacher-forced agreement and perplexity of the int8 emulation (= the device) vs float
     PyTorch for SmolLM2-135M-Instruct, per calibration choice ``(method, alpha, vector_alpha[,
-    digit_alpha[, prob_digits[, wide_linears]]])`` (a digit alpha: two-digit down-projection input;
-    None: int8; prob_digits: two-digit attention probabilities; wide_linears: the o and down
-    projections hand the residual int32; both default to the decoder's). Default: the decoder's
-    defaults (``weft.sw.generate``), and the same with int8 down-projection input, int8
-    probabilities and int8 o/down outputs."""
-    from weft.sw.generate import (DECODER_ALPHA, DECODER_DIGIT_ALPHA, DECODER_PROB_DIGITS, DECODER_VECTOR_ALPHA,
-                                  DECODER_WIDE_LINEARS)
+    digit_alpha[, prob_digits[, wide_linears[, norm_digits]]]])`` (a digit alpha: two-digit
+    down-projection input; None: int8; prob_digits: two-digit attention probabilities;
+    wide_linears: the o and down projections hand the residual int32; norm_digits: two-digit
+    RMSNorm outputs into q/k/v and gate/up; the last three default to the decoder's). The
+    prefill graph computes every teacher-forced position, so this measures the prefill
+    bundle's quantization. Default: the decoder's defaults (``weft.sw.generate``), and the same
+    with int8 down-projection input, probabilities, o/down outputs and norm outputs."""
+    from weft.sw.generate import (DECODER_ALPHA, DECODER_DIGIT_ALPHA, DECODER_NORM_DIGITS, DECODER_PROB_DIGITS,
+                                  DECODER_VECTOR_ALPHA, DECODER_WIDE_LINEARS)
 
     if choices is None:
         choices = [("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, DECODER_DIGIT_ALPHA, DECODER_PROB_DIGITS,
-                    DECODER_WIDE_LINEARS),
-                   ("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, None, False, False)]
+                    DECODER_WIDE_LINEARS, DECODER_NORM_DIGITS),
+                   ("max", DECODER_ALPHA, DECODER_VECTOR_ALPHA, None, False, False, False)]
     import torch
 
     from weft.compiler.pipeline import limit_blas_threads
@@ -371,13 +373,14 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
         digit_alpha = choice[3] if len(choice) > 3 else None  # None: int8 FFN input; else two-digit
         prob_digits = bool(choice[4]) if len(choice) > 4 else DECODER_PROB_DIGITS
         wide_linears = bool(choice[5]) if len(choice) > 5 else DECODER_WIDE_LINEARS
+        norm_digits = bool(choice[6]) if len(choice) > 6 else DECODER_NORM_DIGITS
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
         kw = dict(method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                   vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
                   int32_outputs=["logits"], digits=digit_alpha is not None,
                   digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None,
-                  prob_digits=prob_digits, wide_linears=wide_linears)
+                  prob_digits=prob_digits, wide_linears=wide_linears, norm_digits=norm_digits)
         qg = quantize(g_short, scales, **kw)
         agree = decoder_agreement(model, tok, qg, prompt_len, prompts or DECODER_PROMPTS, new_tokens)
         q_logits = run_int8(quantize(g_long, scales, **kw), {"input_ids": text_ids})["logits"][0]
@@ -388,7 +391,8 @@ def smollm2_accuracy(*, prompt_len: int = 96, ppl_len: int = 520, new_tokens: in
         label = f"{method}, alpha={alpha}, vector_alpha={valpha}" + (
             "" if digit_alpha is None else f", two-digit FFN input (alpha {digit_alpha})") + (
             ", two-digit probabilities" if prob_digits else ", int8 probabilities") + (
-            ", o/down int32 into the residual" if wide_linears else "")
+            ", o/down int32 into the residual" if wide_linears else "") + (
+            ", two-digit RMSNorm outputs" if norm_digits else "")
         results["choices"][label] = r
         if verbose:
             print(f"{label}: top-1 agreement {r['agreement']:.4f} "
@@ -405,12 +409,13 @@ if __name__ == "__main__":  # pragma: no cover
     ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     ap.add_argument("--choice", action="append", default=None,
-                    metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA[,PROB_DIGITS[,WIDE_LINEARS]]]",
+                    metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA[,PROB_DIGITS[,WIDE_LINEARS[,NORM_DIGITS]]]]",
                     help="smollm2: calibration choice(s) to evaluate (default: the decoder's, and with int8 FFN input "
                          "and probabilities); a fourth value gives the FFN down projection a two-digit input with that "
                          "smoothing (0: one scale per tensor; 'none': int8), a fifth (0 or 1) int8 or two-digit "
                          "attention probabilities (default: the decoder's), a sixth (0 or 1) int8 or int32 o/down "
-                         "projection outputs into the residual (default: the decoder's)")
+                         "projection outputs into the residual (default: the decoder's), a seventh (0 or 1) int8 or "
+                         "two-digit RMSNorm outputs into q/k/v and gate/up (default: the decoder's)")
     a = ap.parse_args()
     if a.model == "smollm2":
         ch = [(c.split(",")[0], *(None if v == "none" else float(v) for v in c.split(",")[1:])) for c in a.choice] \

@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = ["GenerateError", "DecoderProgram", "BundleBackend", "generate", "DEVICES", "DECODER_ALPHA",
            "DECODER_VECTOR_ALPHA", "DECODER_DIGIT_ALPHA", "DECODER_PROB_DIGITS",
-           "DECODER_WIDE_LINEARS"]
+           "DECODER_WIDE_LINEARS", "DECODER_NORM_DIGITS"]
 
 DEVICES = ("float", "int8", "golden")
 #: Calibration defaults for decoders (docs/compiler.md, "Accuracy": measured better than the
@@ -51,6 +51,10 @@ DECODER_DIGIT_ALPHA: float | None = 0.3
 DECODER_PROB_DIGITS = True
 #: The o and down projections hand the int32 residual their accumulators (``quantize(wide_linears=True)``).
 DECODER_WIDE_LINEARS = True
+#: The RMSNorm outputs that feed q/k/v and gate/up as two digits (``quantize(norm_digits=True)``):
+#: SmolLM2-135M teacher-forced agreement 89.0% -> 90.8%; the decode step 1.6% slower
+#: (docs/compiler.md).
+DECODER_NORM_DIGITS = True
 
 
 class GenerateError(RuntimeError):
@@ -84,13 +88,15 @@ class DecoderProgram:
               decode_steps: int = 8, alpha: float | None = None, vector_alpha: float | None = None,
               exporter: str | None = None, digit_alpha: float | None = DECODER_DIGIT_ALPHA,
               prob_digits: bool = DECODER_PROB_DIGITS,
-              wide_linears: bool = DECODER_WIDE_LINEARS) -> "DecoderProgram":
+              wide_linears: bool = DECODER_WIDE_LINEARS,
+              norm_digits: bool = DECODER_NORM_DIGITS) -> "DecoderProgram":
         """Export, import, calibrate (float runs of ``calibration``: texts, chat message lists or
         id lists; default :data:`weft.sw.accuracy.DECODER_CALIBRATION`) and quantize both graphs.
         ``digit_alpha``: None keeps the down projection's input int8; a number gives it two digits
         with that per-channel smoothing (0: one scale per tensor). ``prob_digits``: two-digit
         attention probabilities (a wide softmax) rather than int8. ``wide_linears``: the o and down
-        projections hand the residual int32 rather than int8."""
+        projections hand the residual int32 rather than int8. ``norm_digits``: the RMSNorm outputs
+        read by q/k/v and gate/up as two digits rather than int8."""
         import time
 
         import torch
@@ -131,7 +137,7 @@ class DecoderProgram:
                         vector_channel_scales=cal.channel_scales(vector_alpha) if alpha > 0 else None,
                         amax=cal.amax, int32_outputs=["logits"], digits=digit_alpha is not None,
                         digit_channel_scales=cal.channel_scales(digit_alpha) if digit_alpha else None,
-                        prob_digits=prob_digits, wide_linears=wide_linears)
+                        prob_digits=prob_digits, wide_linears=wide_linears, norm_digits=norm_digits)
 
         pqg = quantize(pg, {k: c / 127.0 for k, c in pcal.thresholds("max").items()}, **qopts(pcal))
         # decode: float steps of the decode graph, the past from the float model's own cache

@@ -254,7 +254,8 @@ class _NormMLP(torch.nn.Module):
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
-@pytest.mark.parametrize("digits", [False, True, "per-channel"], ids=["int8", "two-digit", "two-digit-per-channel"])
+@pytest.mark.parametrize("digits", [False, True, "per-channel", "norm"],
+                         ids=["int8", "two-digit", "two-digit-per-channel", "two-digit-norm"])
 def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digits):
     from weft.compiler.lower import lower
     from weft.hw.config import load_config
@@ -272,8 +273,12 @@ def test_rmsnorm_swiglu_bundle_equals_int8_reference(tmp_path, config_name, digi
     rng = np.random.default_rng(0)
     cal = [{"x": rng.standard_normal((1, 6, cfg.hidden_size)).astype(np.float32)} for _ in range(4)]
     qg = quantize_for_device(g, cal, digits=bool(digits), alpha=0.3,  # on this random block 0.3 tracks float best
-                             digit_alpha=0.3 if digits == "per-channel" else 0.0)
-    assert bool(qg.digits) == bool(digits)  # the SwiGLU output feeds only the down projection
+                             digit_alpha=0.3 if digits in ("per-channel", "norm") else 0.0,
+                             norm_digits=digits == "norm")
+    # the SwiGLU output feeds only the down projection; the norm output only gate and up
+    assert len(qg.digits) == {False: 0, "norm": 2}.get(digits, 1)
+    norm, = qg.norms.values()
+    assert norm.digits == (digits == "norm")
     swiglu, = qg.swiglus.values()  # per-channel gate (widened) and up, smoothed like a Linear's input
     assert swiglu.gate.kind == "widen" and isinstance(swiglu.up_scale, np.ndarray)
     config = load_config(config_name)

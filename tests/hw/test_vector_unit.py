@@ -80,7 +80,7 @@ def vbin_case(config, rng, func: str, a_mem: Mem, b_mem: Mem, dst_mem: Mem, rows
 
 # ---------------------------------------------------------------------- row ops
 def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC, x=None, kv_len=None, offset=0,
-              causal=False, unsigned=False, wide=False, inplace=False, name=None, in_scale=None):
+              causal=False, unsigned=False, wide=False, inplace=False, name=None, in_scale=None, out_scale=None):
     p = Prog(config)
     E = p.E
     C = -(-L // E)
@@ -97,10 +97,10 @@ def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC,
     if func == "softmax":
         params = vn.softmax_params(in_scale or 0.01, kv_len=L if kv_len is None else kv_len, causal_offset=offset, cols=E)
     elif func == "layernorm":
-        params = vn.layernorm_params(1.0, rng.uniform(-2, 2, L), rng.uniform(-1, 1, L), float(rng.uniform(0.02, 0.1)),
-                                     cols=E)
+        params = vn.layernorm_params(1.0, rng.uniform(-2, 2, L), rng.uniform(-1, 1, L),
+                                     out_scale or float(rng.uniform(0.02, 0.1)), cols=E)
     elif func == "rmsnorm":
-        params = vn.rmsnorm_params(1.0, rng.uniform(-2, 2, L), float(rng.uniform(0.02, 0.1)), cols=E)
+        params = vn.rmsnorm_params(1.0, rng.uniform(-2, 2, L), out_scale or float(rng.uniform(0.02, 0.1)), cols=E)
     else:
         params = None
     if params is not None:
@@ -112,7 +112,7 @@ def vrow_case(config, rng, func: str, M: int, L: int, *, src_mem: Mem = Mem.ACC,
     if func in ("max", "sum"):
         dst = (src + C * M + 1) if src_mem == Mem.ACC else 0
         out = (Mem.ACC, dst, M)
-    elif func == "softmax" and wide:  # int32 probabilities to the accumulator, slice-major
+    elif func in ("softmax", "layernorm", "rmsnorm") and wide:  # int32 to the accumulator, slice-major
         dst = src if inplace and src_mem == Mem.ACC else param + len(params) + 2
         out = (Mem.ACC, dst, C * M)
     else:
@@ -194,7 +194,14 @@ def row_cases(config, rng) -> list[dict]:
         cases.append(vrow_case(config, rng, func, 2, 2 * E, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, 2 * E)),
                                name=f"{func}_extreme"))
         cases.append(vrow_case(config, rng, func, 2, E, x=np.zeros((2, E), dtype=np.int64), name=f"{func}_zero"))
-    cases.append(vrow_case(config, rng, "rmsnorm", 2, E + 1, wide=True, name="rmsnorm_wide_ignored"))
+        # wide: int32 output to the accumulator; fine output scales put most values beyond int8
+        cases.append(vrow_case(config, rng, func, 3, 2 * E + 1, wide=True, out_scale=2e-3, name=f"{func}_wide"))
+        cases.append(vrow_case(config, rng, func, 2, E, src_mem=Mem.SP, wide=True, out_scale=4e-3,
+                               name=f"{func}_wide_sp"))
+        cases.append(vrow_case(config, rng, func, 2, E + 3, wide=True, inplace=True, out_scale=1e-3,
+                               name=f"{func}_wide_inplace"))
+        cases.append(vrow_case(config, rng, func, 2, 2 * E, x=rng.choice([-(1 << 31), (1 << 31) - 1], (2, 2 * E)),
+                               wide=True, out_scale=1e-9, name=f"{func}_wide_extreme"))  # saturates int32
     return cases
 
 
