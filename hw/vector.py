@@ -639,24 +639,35 @@ class RowEngine(wiring.Component):
         bsh = ar.sig(unsigned(5), "norm_bsh", sh - 16)
         e_terms = []
         e2_terms = []
+        # Operand widths below are the values' proven bounds, not the expressions' natural widths:
+        # products of at most 64 bits run as native integers in Verilator, wider ones as multi-word
+        # arithmetic, several times slower (these four took most of the twin's time).
         for l in range(E):
             x = C_.x[l]
-            y_g = ar.rhe(x * pc[l][:20].as_signed() * mult(w1), so15, 72, "y_gelu")
-            p_sm = ar.rhe(pc[l][:20] * recip[:48], Const(32, 6), 72, "p_sm")
+            # gelu/silu: the gate gm in [0, 2^15] (the PQ tables' outputs span [2^14, 2^15]), so
+            # gm * mult < 2^31 and x * (gm * mult) fits 63 bits
+            gmm = ar.sig(signed(32), "gelu_gm", pc[l][:16] * mult(w1))
+            y_g = ar.rhe(x * gmm, so15, 63, "y_gelu")
+            # softmax: e in [0, 2^15]; a row with a valid key sums to at least 2^15 (its maximum's
+            # e), so the reciprocal Q * 2^32 / sum < 2^28 (rows without one are masked to 0)
+            p_sm = ar.rhe(pc[l][:16] * recip[:28], Const(32, 6), 45, "p_sm")
             p_c = Mux(p_sm > q_val, q_val, p_sm)
             e = ar.sig(signed(20), "e_norm", pc[l])
-            zz = ar.rshr(e * recip[:50], Const(vn._NORM_RECIP_BITS - 8 - vn.NORM_Z_BITS, 6), 72, "z_norm")
-            z = ar.sig(signed(72), "z", Mux(vzero, 0, zz))
-            ntot = ar.sig(signed(90), "ntot", z * C_.h1[l] + Mux(func == F_LAYERNORM, C_.h2[l] << bsh, 0))
-            y_n = ar.rhe(ntot, sh, 90, "y_norm")
+            # norms: max |e| >= 2^12, so V >= 2^24, sqrt >= 2^20 and the reciprocal 2^56 / sqrt
+            # <= 2^36 (a row with V = 0 gives z = 0 whatever the product); |e| <= sqrt(V) makes
+            # |z| <= 2^20, and |ntot| < 2^51 + 2^55 (gains and biases int32, the bias shift <= 24)
+            zz = ar.rshr(e * recip[:37], Const(vn._NORM_RECIP_BITS - 8 - vn.NORM_Z_BITS, 6), 58, "z_norm")
+            z = ar.sig(signed(22), "z", Mux(vzero, 0, zz))
+            ntot = ar.sig(signed(64), "ntot", z * C_.h1[l] + Mux(func == F_LAYERNORM, C_.h2[l] << bsh, 0))
+            y_n = ar.rhe(ntot, sh, 63, "y_norm")
             res = Signal(signed(32), name=f"D_in{l}")
             with m.Switch(Cat(func, kind)):
                 with m.Case(F_GELU | K_VMAP << 3, F_SILU | K_VMAP << 3):
-                    m.d.comb += res.eq(ar.sat(y_g, dst_lo, dst_hi, 73, "sat_g"))
+                    m.d.comb += res.eq(ar.sat(y_g, dst_lo, dst_hi, 64, "sat_g"))
                 with m.Case(F_SOFTMAX | K_VROW << 3):
                     m.d.comb += res.eq(Mux(s_any & C_.sv[l], p_c, 0))
                 with m.Case(F_LAYERNORM | K_VROW << 3, F_RMSNORM | K_VROW << 3):
-                    m.d.comb += res.eq(Mux(C_.lv[l], ar.sat(y_n, dst_lo, dst_hi, 91, "sat_n"), 0))
+                    m.d.comb += res.eq(Mux(C_.lv[l], ar.sat(y_n, dst_lo, dst_hi, 64, "sat_n"), 0))
                 with m.Default():
                     m.d.comb += res.eq(pc[l])
             m.d.sync += yd[l].eq(res)
