@@ -48,10 +48,10 @@ INPUT_BYTES = 1
 ACC_BYTES = 4
 
 #: 18x18 hard multipliers the row engine needs per accumulator-row element: it evaluates
-#: every function in parallel, with products up to 72 x 32 bits that take several blocks
+#: every function in parallel, with products up to 66 x 16 bits that take several blocks
 #: each. Counted from its netlist (``weft.boards.synth.count_hard_multipliers``; a test
 #: keeps this number equal to that count).
-ROW_ENGINE_MULTIPLIERS_PER_ELEMENT = 84
+ROW_ENGINE_MULTIPLIERS_PER_ELEMENT = 74
 
 
 class ConfigError(ValueError):
