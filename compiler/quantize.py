@@ -427,29 +427,29 @@ def channel_scaled_values(graph: Graph, wide: set[str]) -> set[str]:
     return out
 
 
+def _read_only_by_linears(graph: Graph, ops: Iterable[str]) -> set[str]:
+    """Outputs of device nodes of ``ops`` (not graph outputs) whose every reader is a Linear's input."""
+    cons = graph.consumers()
+    outputs = {o.name for o in graph.outputs}
+    return {n.outputs[0] for n in graph.nodes
+            if n.op in ops and n.device == "device" and n.outputs[0] not in outputs
+            and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
+                                               for u in cons[n.outputs[0]])}
+
+
 def digit_values(graph: Graph) -> set[str]:
     """Outputs of :data:`DIGIT_PRODUCERS` read only by Linears (the FFN's down projection input:
     GELU or SwiGLU): held as two int8 digits, 16x the resolution of int8, at the cost of a
     second pass of their rows through the consumer's weights (a one-row GEMV streams its
     weights once for both digits)."""
-    cons = graph.consumers()
-    outputs = {o.name for o in graph.outputs}
-    return {n.outputs[0] for n in graph.nodes
-            if n.op in DIGIT_PRODUCERS and n.device == "device" and n.outputs[0] not in outputs
-            and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
-                                               for u in cons[n.outputs[0]])}
+    return _read_only_by_linears(graph, DIGIT_PRODUCERS)
 
 
 def norm_digit_values(graph: Graph) -> set[str]:
     """RMSNorm outputs read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs), for
     ``quantize(norm_digits=True)``. (A post-norm encoder's LayerNorm outputs also feed residual
     Adds; all-MiniLM-L6-v2 with two-digit LayerNorm outputs was studied, not built: docs/compiler.md.)"""
-    cons = graph.consumers()
-    outputs = {o.name for o in graph.outputs}
-    return {n.outputs[0] for n in graph.nodes
-            if n.op == "RMSNorm" and n.device == "device" and n.outputs[0] not in outputs
-            and cons.get(n.outputs[0]) and all(u.op == "Linear" and u.inputs[0] == n.outputs[0]
-                                               for u in cons[n.outputs[0]])}
+    return _read_only_by_linears(graph, ("RMSNorm",))
 
 
 def _digit_scales(target: np.ndarray, ratio: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
