@@ -59,6 +59,7 @@ __all__ = [
     "RunResult",
     "UartInfo",
     "has_uart_ports",
+    "registered_inputs",
     "cache_root",
     "harness_sources",
     "build",
@@ -171,6 +172,44 @@ def has_uart_ports(verilog_text: str) -> bool:
     return bool(found)
 
 
+def registered_inputs(verilog_text: str, top: str) -> str:
+    """``verilog_text`` with module ``top`` renamed ``<top>__core`` under a new ``top`` with
+    the same ports that registers every input except ``clk`` before the core sees it.
+
+    Why: Verilator evaluates all logic that depends on a top-level input (and through the
+    synchronous reset that is most of the next-state logic) at every ``eval()``, twice a
+    cycle. With registered inputs that logic depends on state only and is evaluated once,
+    after the clock edge. The harness keeps the core's view cycle-exact by driving each
+    cycle's inputs one edge early (``System::cycle`` in ``harness.cpp``)."""
+    match = re.search(rf"^module\s+{re.escape(top)}\s*\(", verilog_text, re.M)
+    if not match:
+        raise ValueError(f"the Verilog has no module named {top!r}")
+    end = verilog_text.find("\nendmodule", match.end())
+    body = verilog_text[match.end():end]
+    ports = re.findall(r"^\s*(input|output)\s+(?:wire\s+|reg\s+)?(\[\d+:0\]\s*)?([A-Za-z_][A-Za-z0-9_$]*)\s*;",
+                       body, re.M)
+    header = verilog_text[match.end():verilog_text.find(");", match.end())]
+    listed = {name.strip() for name in header.split(",")}
+    names = {name for _, _, name in ports}
+    if names != listed:
+        raise ValueError(f"module {top!r}: cannot read the declarations of ports {sorted(listed ^ names)}")
+    if "clk" not in names:
+        raise ValueError(f"module {top!r} has no clk input")
+    lines = [f"module {top}({', '.join(name for _, _, name in ports)});"]
+    for direction, width, name in ports:
+        lines.append(f"  {direction} {width or ''}{name};")
+    for direction, width, name in ports:
+        if direction == "input" and name != "clk":
+            lines.append(f"  reg {width or ''}{name}__q = 0;")
+            lines.append(f"  always @(posedge clk) {name}__q <= {name};")
+    connections = ", ".join(f".{name}({name}__q)" if direction == "input" and name != "clk" else f".{name}({name})"
+                            for direction, _, name in ports)
+    lines.append(f"  {top}__core core ({connections});")
+    lines.append("endmodule")
+    renamed = verilog_text[:match.start()] + f"module {top}__core(" + verilog_text[match.end():]
+    return renamed.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class TwinBuild:
     """A built twin: the executable, its folder, and whether this call built it."""
@@ -245,6 +284,7 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
         raise ValueError(f"toplevel name {top!r} is not a Verilog identifier")
     if not re.search(rf"^\s*module\s+{re.escape(top)}\b", verilog_text, re.M):
         raise ValueError(f"the Verilog has no module named {top!r}")
+    verilog_text = registered_inputs(verilog_text, top)
     env = {**os.environ, **toolchain.verilator_env()}
     version = toolchain.verilator_version()
     options = {"trace": trace, "opt": opt, "top": top, "verilator": list(version), "protocol": PROTOCOL_VERSION,

@@ -291,6 +291,8 @@ struct System {
         wdata.assign(bus_bytes, 0);
         wstrb.assign((bus_bytes + 7) / 8, 0);
         put_bytes(top->AXI(rdata), word.data(), bus_bytes);
+        top->clk = 0;
+        top->eval();  // settle the outputs of the initial state (cycle() samples before its edge)
     }
 
     // beat address n of a burst
@@ -371,18 +373,19 @@ struct System {
 #endif
     }
 
+    // One clock cycle. The top registers every input but clk (registered_inputs in
+    // weft/sim/twin/__init__.py), so the core sees in cycle n what drive() set before the edge
+    // that began it: the ports hold the inputs of the current cycle, and the outputs were
+    // settled by the evaluation after that edge. This keeps the core's view cycle-exact while
+    // each cycle costs one evaluation of the design instead of two.
     void cycle() {
         Vtwin& t = *top;
-        drive();
-        t.clk = 0;
-        t.eval();
-        dump(2 * cycles);
-        // sample handshakes with everything settled
+        // sample handshakes: the outputs and the inputs the core sees this cycle
         bool ar_fire = t.AXI(arvalid) && t.AXI(arready);
-        bool r_fire = t.AXI(rvalid) && t.AXI(rready);
+        bool r_fire = t.AXI(rvalid) && t.AXI(rready) && !rq.empty();
         bool aw_fire = t.AXI(awvalid) && t.AXI(awready);
-        bool w_fire = t.AXI(wvalid) && t.AXI(wready);
-        bool b_fire = t.AXI(bvalid) && t.AXI(bready);
+        bool w_fire = t.AXI(wvalid) && t.AXI(wready) && !wq.empty();
+        bool b_fire = t.AXI(bvalid) && t.AXI(bready) && !bq.empty();
         Burst ar{}, aw{};
         if (ar_fire) {
             ar = Burst{(uint64_t)t.AXI(araddr), (uint32_t)t.AXI(arlen), (uint32_t)t.AXI(arsize),
@@ -404,10 +407,6 @@ struct System {
         bool csr_w_fire = t.CSR(wvalid) && t.CSR(wready);
         bool csr_b_fire = t.CSR(bvalid) && t.CSR(bready);
         uint32_t csr_rdata = t.CSR(rdata), csr_rresp = t.CSR(rresp), csr_bresp = t.CSR(bresp);
-
-        t.clk = 1;
-        t.eval();
-        dump(2 * cycles + 1);
 
         // commit the slave's state
         if (r_fire) {
@@ -447,6 +446,15 @@ struct System {
         if (csr_w_fire) w_pending = false;
         if (csr_b_fire) { b_done = true; b_resp = csr_bresp; }
         cycles++;
+
+        // the inputs of the next cycle, latched by this edge
+        drive();
+        t.clk = 1;
+        t.eval();
+        dump(2 * cycles);
+        t.clk = 0;
+        t.eval();
+        dump(2 * cycles + 1);
     }
 
     void reset(uint32_t n) {
@@ -455,6 +463,7 @@ struct System {
         rq.clear(); wq.clear(); bq.clear();
         ar_pending = r_done = aw_pending = w_pending = b_done = false;
         top->rst = 0;
+        drive();  // the next edge latches inputs of the cleared slave (the core is still in reset then)
     }
 
     // Register access through the AXI4-Lite master; false when no response in `limit` cycles.
@@ -480,10 +489,6 @@ struct System {
     uint32_t run(uint64_t max_cycles, bool until_irq, uint32_t wall_ms, uint64_t& done) {
         done = 0;
         uint64_t deadline = wall_ms ? now_ns() + uint64_t(wall_ms) * 1000000ull : 0;
-        // settle so irq reflects the current state
-        drive();
-        top->clk = 0;
-        top->eval();
         if (until_irq && top->irq) return RUN_IRQ;
         while (done < max_cycles) {
             cycle();
