@@ -5,7 +5,8 @@
 //
 // The top (Verilator prefix Vtwin) must have the ports of weft's core: clk, rst (sync,
 // active high), axi__* (AXI4 master, INCR bursts), csr__* (AXI4-Lite slave, 32-bit data)
-// and irq. Nothing here depends on the design beyond those names.
+// and irq. Nothing here depends on the design beyond those names. The build wraps the top so
+// that every input but clk is registered (registered_inputs in __init__.py); cycle() relies on it.
 //
 // Usage: twin_sim --socket PATH --mem-bytes N --bus-bytes B [--read-latency C]
 //                 [--write-latency C] [--parent-pid P] [--workdir DIR] [--uart-linger CYCLES]

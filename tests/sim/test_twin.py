@@ -19,7 +19,7 @@ import pytest
 from weft.hw.config import load_config
 from weft.hw.registers import ID_VALUE, VERSION_MAJOR, VERSION_MINOR
 from weft.sim.twin import (HEADER, Op, RunReason, StatusCode, Twin, TwinBuildError, TwinDied, TwinRequestError,
-                           TwinTimeout, _have_header, build)
+                           TwinTimeout, _have_header, build, registered_inputs)
 from weft.sim.twin.standin import StandInTop
 
 from .twin_fixtures import copy_model, launch_standin, standin, start_copy
@@ -70,6 +70,40 @@ def test_harness_change_relinks_without_rebuilding_the_model(twin, monkeypatch):
 def test_bad_toplevel_name_is_refused():
     with pytest.raises(ValueError, match="no module named"):
         build("module a(input clk); endmodule\n", "b")
+
+
+_SMALL_TOP = """module top(clk, rst, a, y);
+  input clk;
+  input rst;
+  input [7:0] a;
+  output [7:0] y;
+  reg [7:0] r = 8'h00;
+  always @(posedge clk) r <= rst ? 8'h00 : a;
+  assign y = r;
+endmodule
+"""
+
+
+def test_registered_inputs_puts_a_register_before_every_input_but_clk():
+    import re
+
+    text = registered_inputs(_SMALL_TOP, "top")
+    assert "module top__core(clk, rst, a, y);" in text  # the original, renamed
+    wrapper = text[text.index("\nmodule top("):]
+    assert re.search(r"input \[7:0\] a;", wrapper) and re.search(r"output \[7:0\] y;", wrapper)
+    assert "always @(posedge clk) rst__q <= rst;" in wrapper
+    assert "always @(posedge clk) a__q <= a;" in wrapper
+    assert "clk__q" not in wrapper and "y__q" not in wrapper
+    assert "top__core core (.clk(clk), .rst(rst__q), .a(a__q), .y(y));" in wrapper
+
+
+def test_registered_inputs_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="no module named"):
+        registered_inputs(_SMALL_TOP, "other")
+    with pytest.raises(ValueError, match=r"ports \['y'\]"):
+        registered_inputs(_SMALL_TOP.replace("output [7:0] y;", "output logic [7:0] y;"), "top")
+    with pytest.raises(ValueError, match="no clk input"):
+        registered_inputs(_SMALL_TOP.replace("clk", "clock"), "top")
 
 
 def test_hello_reports_the_configuration(client):
