@@ -269,6 +269,9 @@ def build(verilog_text: str, top: str, *, trace: bool | str = False, opt: str = 
           timeout_s: float = 1800) -> TwinBuild:
     """Build the twin for ``verilog_text`` (toplevel module ``top``) unless a cached build exists.
 
+    The model is of ``registered_inputs(verilog_text, top)``: the harness's clock loop drives
+    the inputs one edge early to match (see that function).
+
     ``trace`` adds waveform support: True or ``"fst"`` (``--trace-fst``; needs the lz4
     development headers, Debian ``liblz4-dev``), ``"vcd"`` (``--trace``, no extra library).
     ``opt`` is the C++ optimisation level of the model and harness; ``jobs`` the parallel
