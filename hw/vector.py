@@ -87,7 +87,8 @@ class _Arith:
         return self.sig(signed(width), name, Mux(s == 0, v, (q2 + 1) >> 1))
 
     def rhe(self, v, s, width, name="rhe"):
-        """round half to even of v / 2^min(s, 62), exact."""
+        """round half to even of v / 2^min(s, 62), exact, as ``signed(width)``: for s >= 1 the
+        quotient is at most 2^(width-2) in magnitude, so rounding up cannot overflow."""
         sc = self.sig(unsigned(7), f"{name}_sc", Mux(s > 62, 62, s))
         sm1 = self.sig(unsigned(7), f"{name}_sm1", sc - 1)
         vv = self.sig(signed(width), f"{name}_v", v)
@@ -95,7 +96,28 @@ class _Arith:
         mask = Cat(*(sm1 > i for i in range(width)))
         sticky = self.sig(1, f"{name}_sticky", (vv.as_unsigned() & mask) != 0)
         up = q2[0] & (sticky | q2[1])
-        return self.sig(signed(width + 1), name, Mux(sc == 0, vv, (q2 >> 1) + up))
+        half = self.sig(signed(width - 1), f"{name}_half", q2 >> 1)  # so the sum is width bits
+        return self.sig(signed(width), name, Mux(sc == 0, vv, half + up))
+
+    def add64(self, a, b, name="add64", subtract=False):
+        """(a + b) or (a - b) modulo 2^64 as ``signed(64)``, from 32-bit halves: every
+        intermediate stays within 64 bits (Amaranth's own sum is 65 bits wide, which Verilator
+        evaluates as multi-word arithmetic)."""
+        au, bu = a.as_unsigned(), b.as_unsigned()
+        if subtract:
+            bu = self.sig(unsigned(64), f"{name}_nb", ~bu)
+        lo = self.sig(unsigned(33), f"{name}_lo", au[:32] + bu[:32] + int(subtract))
+        hi = self.sig(unsigned(32), f"{name}_hi", au[32:64] + bu[32:64] + lo[32])
+        return self.sig(signed(64), name, Cat(lo[:32], hi))
+
+    def mul64(self, p, k, name="mul64"):
+        """p * k modulo 2^64 as ``signed(64)`` (p 64 bits, k unsigned of at most 32), from 32-bit
+        halves of p, so no product is wider than 64 bits. Two's complement makes p * k and its
+        unsigned reading agree modulo 2^64: this is the wrap of int64 arithmetic."""
+        pu = p.as_unsigned()
+        lo = self.sig(unsigned(64), f"{name}_lo", pu[:32] * k)
+        hi = self.sig(unsigned(32), f"{name}_hi", (pu[32:64] * k)[:32] + lo[32:64])
+        return self.sig(signed(64), name, Cat(lo[:32], hi))
 
     def sat(self, v, lo, hi, width, name="sat"):
         return self.sig(signed(width), name, Mux(v > hi, hi, Mux(v < lo, lo, v)))
@@ -545,21 +567,22 @@ class RowEngine(wiring.Component):
         # ------------------------------------------------------------ stage B: first products
         B = Stage("B")
         m.d.sync += B.follow(A)
-        pa = [Signal(signed(66), name=f"B_pa{l}") for l in range(E)]
-        pb = [Signal(signed(66), name=f"B_pb{l}") for l in range(E)]
+        pa = [Signal(signed(64), name=f"B_pa{l}") for l in range(E)]
+        pb = [Signal(signed(64), name=f"B_pb{l}") for l in range(E)]
         m_sm = mult(w0)
         for l in range(E):
             x, h = A.x[l], A.h1[l]
             absx = ar.sig(unsigned(33), "absx", Mux(x < 0, -x, x))
             if l % 2 == 0:
                 x0, x1, cc, ss = A.x[l], A.x[l + 1], A.h1[l], A.h1[l + 1]
-                rope = x0 * cc - x1 * ss
+                rope = ar.add64(ar.sig(signed(64), "rp0", x0 * cc), ar.sig(signed(64), "rp1", x1 * ss), "rope",
+                                subtract=True)
             else:
                 x0, x1, cc, ss = A.x[l - 1], A.x[l], A.h1[l - 1], A.h1[l]
-                rope = x0 * ss + x1 * cc
+                rope = ar.add64(ar.sig(signed(64), "rp0", x0 * ss), ar.sig(signed(64), "rp1", x1 * cc), "rope")
             d_sm = ar.sig(signed(42), "d_sm", Mux(A.sv[l], s_m - x, 0))
             d_ln = ar.sig(signed(52), "d_ln", L * x - s_s1)
-            val = Signal(signed(66), name=f"B_in{l}")
+            val = Signal(signed(64), name=f"B_in{l}")
             with m.Switch(Cat(func, kind)):
                 with m.Case(F_SCALE | K_VMAP << 3):
                     m.d.comb += val.eq(x * mult(w0))
@@ -582,7 +605,7 @@ class RowEngine(wiring.Component):
         # ------------------------------------------------------------ stage C
         C_ = Stage("C")
         m.d.sync += C_.follow(B)
-        pc = [Signal(signed(66), name=f"C_pc{l}") for l in range(E)]
+        pc = [Signal(signed(32), name=f"C_pc{l}") for l in range(E)]
         sa, sb = shift(w0), shift(w1)
         s_add = ar.sig(unsigned(SB), "s_add", Mux(sa > sb, sa, sb))
         al_a = ar.sig(unsigned(4), "al_a", s_add - sa)
@@ -594,35 +617,44 @@ class RowEngine(wiring.Component):
         dst_lo = Mux(dst_acc, INT32_MIN, -128)
         for l in range(E):
             a_ = B.x[l]
-            y_scale = ar.rhe(pa[l], shift(w0), 66, "y_scale")
+            # Widths here and in stage B are the values' bounds (or the bit-exact model's int64
+            # wrap), so that Verilator evaluates no expression wider than 64 bits (rshr's internal
+            # sum is one bit wider than its width, hence its widths of at most 63):
+            # scale x * M < 2^47; gelu |x| * M < 2^47; add x * Ma, h * Mb < 2^47, aligned by at most
+            # 15 bits (vn.ADD_ALIGN_MAX), so the sum < 2^63; softmax d * M < 2^57; norm d < 2^52.
+            # mul and rope: x * h and the rope sums in int64 (exact but for the rope corner where
+            # all four operands are -2^31), times M modulo 2^64, as vn.vec_mul / vn.vec_rope
+            # compute them in numpy's int64.
+            y_scale = ar.rhe(pa[l], shift(w0), 48, "y_scale")
             # gelu / silu
-            z = ar.rshr(pa[l], shift(w0), 66, "gz")
+            z = ar.rshr(pa[l], shift(w0), 50, "gz")
             zu = ar.sig(unsigned(49), "gzu", z)
             g_gelu = ar.pq(vn.GELU_TABLE, zu, "pq_gelu")
             g_silu = ar.pq(vn.SILU_TABLE, zu, "pq_silu")
             g = Mux(func == F_GELU, g_gelu, g_silu)
             gm = ar.sig(signed(20), "gm", Mux(a_ < 0, (1 << vn.PQ_OUT_BITS) - g, g))
             # add
-            tot = ar.sig(signed(68), "add_tot", (pa[l] << al_a) + (pb[l] << al_b))
-            y_add = ar.rhe(tot, s_add, 68, "y_add")
-            y_mul = ar.rhe(pa[l] * mult(w0), shift(w0), 84, "y_mul")
+            tot = ar.sig(signed(64), "add_tot", (pa[l][:48].as_signed() << al_a) + (pb[l][:48].as_signed() << al_b))
+            y_add = ar.rhe(tot, s_add, 64, "y_add")
+            y_mul = ar.rhe(ar.mul64(pa[l], mult(w0), "pm"), shift(w0), 64, "y_mul")
             # softmax exponent
-            u0 = ar.rshr(pa[l], shift(w0), 66, "su")
+            u0 = ar.rshr(pa[l], shift(w0), 59, "su")
             umax = (1 << (vn.EXP_FRAC_BITS + 5)) - 1
             u = ar.sig(unsigned(22), "u", Mux(u0 > umax, umax, u0))
             ev = ar.pq(vn.EXP2_TABLE, u[:vn.EXP_FRAC_BITS], "pq_exp")
             e_sm = ar.rshr(ev, u[vn.EXP_FRAC_BITS:], 20, "e_sm")
-            # norm deviation
-            e_n = ar.sig(signed(66), "e_n", Mux(k > 0, ar.rshr(pa[l], kpos, 66, "e_r"), pa[l] << kneg))
-            res = Signal(signed(66), name=f"C_in{l}")
+            # norm deviation: stage D reads its low 20 bits only
+            e_n = ar.sig(signed(20), "e_n", Mux(k > 0, ar.rshr(pa[l], kpos, 53, "e_r"), pa[l][:20] << kneg))
+            # every result fits 32 bits: saturated int32, the gate, the exponent, 20 bits of e
+            res = Signal(signed(32), name=f"C_in{l}")
             with m.Switch(Cat(func, kind)):
                 with m.Case(F_SCALE | K_VMAP << 3, F_MUL | K_VBIN << 3, F_ROPE | K_VBIN << 3):
                     sel = Mux(kind == K_VMAP, y_scale, y_mul)
-                    m.d.comb += res.eq(ar.sat(sel, dst_lo, dst_hi, 66, "sat_sm"))
+                    m.d.comb += res.eq(ar.sat(sel, dst_lo, dst_hi, 64, "sat_sm"))
                 with m.Case(F_GELU | K_VMAP << 3, F_SILU | K_VMAP << 3):
                     m.d.comb += res.eq(gm)
                 with m.Case(F_ADD | K_VBIN << 3):
-                    m.d.comb += res.eq(ar.sat(y_add, dst_lo, dst_hi, 66, "sat_add"))
+                    m.d.comb += res.eq(ar.sat(y_add, dst_lo, dst_hi, 64, "sat_add"))
                 with m.Case(F_SOFTMAX | K_VROW << 3):
                     m.d.comb += res.eq(Mux(B.sv[l], e_sm, 0))
                 with m.Default():
