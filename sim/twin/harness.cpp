@@ -381,7 +381,8 @@ struct System {
     // each cycle costs one evaluation of the design instead of two.
     void cycle() {
         Vtwin& t = *top;
-        // sample handshakes: the outputs and the inputs the core sees this cycle
+        // sample handshakes: the outputs and the inputs the core sees this cycle (a queue can be
+        // empty while its beat is still latched: the first cycle after a reset clears it)
         bool ar_fire = t.AXI(arvalid) && t.AXI(arready);
         bool r_fire = t.AXI(rvalid) && t.AXI(rready) && !rq.empty();
         bool aw_fire = t.AXI(awvalid) && t.AXI(awready);
