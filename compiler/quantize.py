@@ -59,6 +59,10 @@ WIDEN_BITS = 10
 #: chain) is int32 at its calibrated |x| maximum / 2**RESIDUAL_WIDE_BITS, a fixed scale per tensor
 #: (BERT's min(operand scales) / 16 would shrink by 16 per layer).
 RESIDUAL_WIDE_BITS = 20
+#: A norm output handed on as int32 (``quantize(norm_digits=True)``: a LayerNorm's copy for the
+#: residual Adds, a norm's graph output) is at max(|x| maximum, |beta| maximum) / 2**NORM_WIDE_BITS
+#: (the norm's beta words, beta / scale * 2**16, stay within int32).
+NORM_WIDE_BITS = 14
 #: SiLU inside SwiGLU writes int32 at the gate's scale / 2**SILU_MID_BITS (|silu(g)| <= |g|).
 SILU_MID_BITS = 8
 #: Fixed-point fraction bits of the RoPE cos/sin table (vector_numerics.rope_table's default).
@@ -136,6 +140,7 @@ class NormParams:
     bias: np.ndarray  # int32 [L]
     twin: "NormParams | None" = None  # second output with other (per-channel) scales, for vector consumers
     digits: bool = False  # int32 (``vrow`` wide) at ``out_scale``, then the digit split
+    wide: bool = False  # int32 (``vrow`` wide) at ``out_scale``, stored as int32 (the twin, a graph output)
 
 
 @dataclass
@@ -229,6 +234,8 @@ class QuantizedGraph:
     adds: dict[str, AddParams] = field(default_factory=dict)
     #: LayerNorm outputs with a second int8 copy for their vector-op consumers: name -> its scales
     twins: dict[str, np.ndarray] = field(default_factory=dict)
+    #: LayerNorm outputs whose vector-op consumers read an int32 copy (``norm_digits``): name -> its scale
+    wide_twins: dict[str, float] = field(default_factory=dict)
     #: host-computed values a device op reads: name -> ("int8" | "int32", scale) or ("kv_len", None)
     device_inputs: dict[str, tuple[str, float | None]] = field(default_factory=dict)
     ropes: dict[str, RopeParams] = field(default_factory=dict)
@@ -446,10 +453,21 @@ def digit_values(graph: Graph) -> set[str]:
 
 
 def norm_digit_values(graph: Graph) -> set[str]:
-    """RMSNorm outputs read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs), for
-    ``quantize(norm_digits=True)``. (A post-norm encoder's LayerNorm outputs also feed residual
-    Adds; all-MiniLM-L6-v2 with two-digit LayerNorm outputs was studied, not built: docs/compiler.md.)"""
-    return _read_only_by_linears(graph, ("RMSNorm",))
+    """Norm outputs that become two-digit tensors with ``quantize(norm_digits=True)``: RMSNorm
+    outputs read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs), and LayerNorm
+    outputs read by Linears and residual Adds (a post-norm encoder's: the Linears read the two
+    digits, the Adds an int32 copy, :data:`NORM_WIDE_BITS`)."""
+    cons = graph.consumers()
+    outputs = {o.name for o in graph.outputs}
+    post_norm = set()
+    for n in graph.nodes:
+        o = n.outputs[0]
+        users = cons.get(o, [])
+        if n.op == "LayerNorm" and n.device == "device" and o not in outputs and \
+                any(u.op == "Linear" for u in users) and \
+                all(u.op == "Linear" and u.inputs[0] == o or u.op == "Add" for u in users):
+            post_norm.add(o)
+    return _read_only_by_linears(graph, ("RMSNorm",)) | post_norm
 
 
 def _digit_scales(target: np.ndarray, ratio: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -507,12 +525,14 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     them: the same smoothing at 12 bits, folded into the Linear's weight rows
     (:func:`_digit_scales`). ``prob_digits``: attention probabilities from a wide softmax
     (int32 at 1/2047) held as two int8 digits through ``P v`` instead of int8 at 1/127.
-    ``wide_linears``: a bias-free Linear read only by int32 residual adds (a decoder's o and down
-    projections) hands them its accumulators on one int32 scale (:func:`quantize_weight_factored`,
-    then ``vbin mul`` by the factors) instead of an int8 tensor. ``norm_digits``: an RMSNorm output
-    read only by Linears (a pre-norm decoder's q/k/v and gate/up inputs) becomes a two-digit
-    tensor: the norm writes int32 at 127/2047 of its int8 scale (per channel, in its gains),
-    split into digits."""
+    ``wide_linears``: a Linear read only by int32 residual adds (a decoder's o and down
+    projections, an encoder's attention output and FFN down projections) hands them its
+    accumulators on one int32 scale (:func:`quantize_weight_factored`; the bias added to the
+    accumulators, then ``vbin mul`` by the factors) instead of an int8 tensor. ``norm_digits``: a
+    norm output read by Linears (:func:`norm_digit_values`) becomes a two-digit tensor: the norm
+    writes int32 at 127/2047 of its int8 scale (per channel, in its gains), split into digits; a
+    LayerNorm's residual Adds read a second copy written as int32, and a norm's graph output is
+    int32 (:data:`NORM_WIDE_BITS`)."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -586,6 +606,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 continue
             # the norm's per-channel gains give any per-channel scale: 16x the int8 one
             qg.digits[name] = scales[name] = need(name, prod[name]) * 127.0 / DIGIT_MAX
+            qg.twins.pop(name, None)  # the Adds read an int32 copy instead (LayerNorm, below)
 
     def peak(name: str, node: Node) -> float:
         if name in amax:
@@ -623,6 +644,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             return VecIn("int32", qg.adds[prod[name].name].out_scale)
         if name in int32_outputs and prod[name].op == "Linear":
             raise QuantizeError(f"{node.name} ({node.op}): {name!r} is an int32 graph output; vector ops cannot read it")
+        if name in qg.wide_twins:
+            return VecIn("int32", qg.wide_twins[name], twin=True)
         if name in qg.twins:
             return _widen(qg.twins[name], twin=True)
         s = need(name, node)
@@ -647,7 +670,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             s_in = qg.device_inputs[x][1] if x in qg.device_inputs else need(x, n)
             b = graph.consts[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] is not None else np.zeros(w.shape[1])
             o = n.outputs[0]
-            wide_out = wide_linears and o not in int32_outputs and o not in outputs and not np.any(b) \
+            wide_out = wide_linears and o not in int32_outputs and o not in outputs \
                 and n.inputs[1] not in graph.qdq_weights and bool(cons.get(o)) \
                 and all(u.op == "Add" and u.outputs[0] in qg.wide for u in cons[o])
             in_sc = s_in
@@ -660,7 +683,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 shift = max(0, math.ceil(math.log2(max(peak(o, n), 1e-30) / unit)) - 29)
                 fine = unit * 2.0 ** shift
                 qg.wide_linears[o] = scales[o] = fine
-                qg.linears[n.name] = LinearParams(wq, ws, np.zeros(w.shape[1], np.int32), in_sc, fine,
+                bq = np.clip(np.rint(b / (s_in * ws)), -2**31, 2**31 - 1).astype(np.int32)  # added to the accumulators
+                qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, fine,
                                                   np.zeros(w.shape[1], np.int32), "wide", acc_in_scale=s_in,
                                                   in_digits=x in qg.digits, wide_factors=g,
                                                   wide_word=int(pack_scale_word(1, shift)))
@@ -700,8 +724,16 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 raise QuantizeError(f"{n.name} (LayerNorm): only normalisation over the last axis is supported")
             src = vec_in(x, n)
             o = n.outputs[0]
+            if norm_digits and o in outputs:  # the host reads int32, not int8
+                qg.norms[n.name] = _norm(src, gamma, beta, _norm_wide_scale(peak(o, n), beta), wide=True)
+                scales[o] = qg.norms[n.name].out_scale
+                continue
             qg.norms[n.name] = _norm(src, gamma, beta, need(o, n))
-            if o in qg.twins:
+            qg.norms[n.name].digits = o in qg.digits
+            if o in qg.digits and any(u.op != "Linear" for u in cons[o]):
+                qg.wide_twins[o] = _norm_wide_scale(peak(o, n), beta)
+                qg.norms[n.name].twin = _norm(src, gamma, beta, qg.wide_twins[o], wide=True)
+            elif o in qg.twins:
                 qg.norms[n.name].twin = _norm(src, gamma, beta, qg.twins[o])
         elif n.op == "RMSNorm":
             x = n.inputs[0]
@@ -777,6 +809,9 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
             ia, ib = vec_in(a, n), vec_in(b, n)
             if n.outputs[0] in chain:
                 so, out = peak(n.outputs[0], n) / (1 << RESIDUAL_WIDE_BITS), "int32"
+            elif n.outputs[0] in qg.wide and (a in qg.wide_linears or b in qg.wide_linears):
+                # an operand at an accumulator's fine scale: min / 16 would overflow; the sum's range sets it
+                so, out = peak(n.outputs[0], n) / (1 << RESIDUAL_WIDE_BITS), "int32"
             elif n.outputs[0] in qg.wide:
                 so, out = min(ia.scale, ib.scale) / (1 << WIDE_ADD_SHIFT), "int32"
             else:
@@ -807,8 +842,15 @@ def _tie_cache_scales(graph: Graph, scales: dict, prod: dict) -> None:
             name = p.inputs[0]
 
 
-def _norm(src: "VecIn", gamma, beta, out_scale) -> "NormParams":
+def _norm(src: "VecIn", gamma, beta, out_scale, wide: bool = False) -> "NormParams":
     rows = layernorm_params(src.scale, gamma, beta if beta is not None else np.zeros_like(gamma), out_scale, cols=1)
     L = np.asarray(gamma).size
     return NormParams(src=src, out_scale=out_scale, shift=int(rows[0, 0]),
-                      gain=rows[1:1 + L, 0].astype(np.int32), bias=rows[1 + L:1 + 2 * L, 0].astype(np.int32))
+                      gain=rows[1:1 + L, 0].astype(np.int32), bias=rows[1 + L:1 + 2 * L, 0].astype(np.int32),
+                      wide=wide)
+
+
+def _norm_wide_scale(peak: float, beta) -> float:
+    """The int32 scale of a norm output handed on wide (:data:`NORM_WIDE_BITS`)."""
+    top = max(peak, float(np.max(np.abs(beta))) if beta is not None else 0.0, 1e-8)
+    return top / (1 << NORM_WIDE_BITS)

@@ -377,6 +377,8 @@ def _int8_linear(qg, node: Node, x, w=None, b=None):
         total = acc.astype(np.int64) + p.bias
         return AccTensor(total.astype(np.int32), p.acc_in_scale * p.w_scale.astype(np.float64))
     if p.output == "wide":  # ``vbin mul`` by the columns' factors: one int32 scale for the residual
+        if np.any(p.bias):  # ``vbin add`` of the bias rows, then the factors
+            acc = vec_add(acc, np.asarray(p.bias, np.int64), _UNIT_WORD, _UNIT_WORD, INT32)
         return AccTensor(vec_mul(acc, p.wide_factors.astype(np.int64), p.wide_word, INT32).astype(np.int32),
                          np.float64(p.out_scale))
     return QTensor(requantize(acc, p.bias, p.scale_words), p.out_scale)
@@ -478,20 +480,27 @@ DIGIT_HI_WORD = int(pack_scale_word(1, 4))  # y = rhe(a / 16)
 DIGIT_FINE_WORD = int(pack_scale_word(1, DIGIT_FINE_SHIFT))  # y = rhe(a * f / 2^DIGIT_FINE_SHIFT)
 
 
-def _layernorm_int(p, x: np.ndarray) -> np.ndarray:
+def _layernorm_int(p, x: np.ndarray) -> QTensor:
+    """One output of ``vrow layernorm``: int8, or int32 (``vrow`` wide: ``p.wide`` keeps it,
+    ``p.digits`` splits it into two digits)."""
     L = x.shape[-1]
-    return layernorm_rows(x.reshape(-1, L), p.shift, p.gain, p.bias).reshape(x.shape).astype(np.int8)
+    y = layernorm_rows(x.reshape(-1, L), p.shift, p.gain, p.bias, INT32 if p.wide or p.digits else INT8)
+    y = y.reshape(x.shape)
+    if p.digits:
+        return digit_split(y, p.out_scale)
+    return QTensor(y.astype(np.int32 if p.wide else np.int8), p.out_scale)
 
 
 @register_int8_op("LayerNorm")
 def _int8_layernorm(qg, node: Node, x, gamma=None, beta=None):
-    """``vrow layernorm`` over the last axis -> int8 (per-tensor or per-channel scale; a
-    second copy with other scales when vector ops read it too)."""
+    """``vrow layernorm`` over the last axis -> int8 (per-tensor or per-channel scale), two
+    digits, or int32; a second copy (int8 with other scales, or int32) when vector ops read it
+    too."""
     p = qg.norms[node.name]
     xi = vector_input(x, p.src)
-    out = QTensor(_layernorm_int(p, xi), p.out_scale)
+    out = _layernorm_int(p, xi)
     if p.twin is not None:
-        out.twin = QTensor(_layernorm_int(p.twin, xi), p.twin.out_scale)
+        out.twin = _layernorm_int(p.twin, xi)
     return out
 
 
