@@ -404,8 +404,13 @@ class _Lowerer:
         factors = _Tensor(self.const(f"{node.name}.factors", np.tile(np.asarray(p.wide_factors, np.int8), (M, 1))),
                           M, N, 1)
         C = self.E_acc
-        nsl = -(-N // C)
-        params = [param_rows([p.wide_word], C)] + ([param_rows([DIGIT_BASE_WORD, UNIT_WORD], C)] if split else [])
+        biased = bool(np.any(p.bias))
+        params = [param_rows([p.wide_word], C), param_rows([DIGIT_BASE_WORD, UNIT_WORD], C),
+                  param_rows([UNIT_WORD, UNIT_WORD], C)]
+        ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc{i}") for i, acc in enumerate(accs)]
+        if biased:  # one int32 row, repeated down the chunk
+            ins.append((_Tensor(self.const(f"{node.name}.bias", np.asarray(p.bias, np.int32)[None]), 1, N, 4),
+                        VecIn("int32", 1.0), "bias"))
 
         def build(m, srcs, outs_, tmp, prm, ns, s0):
             (_, dst), = outs_
@@ -416,12 +421,17 @@ class _Lowerer:
                 ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=srcs[1][0], b=srcs[1][1],
                                             dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=ns * m))
                 am, aa = Mem.ACC, dst
+            if biased:  # acc + bias (unit words)
+                bm, ba = srcs[len(accs)]
+                ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=bm, b=ba,
+                                            dst_mem=Mem.ACC, dst=dst, param=prm[2], rows=ns * m))
+                am, aa = Mem.ACC, dst
             return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=am, a=aa, b_mem=fm, b=fa, dst_mem=Mem.ACC,
                                            dst=dst, param=prm[0], rows=ns * m)]
 
-        ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc{i}") for i, acc in enumerate(accs)]
         self.vector_kernel(node, M, ins + [(factors, VecIn("int8", 1.0), "factors")], build, [(out, "acc")], params, 0,
-                           f"{M}x{N} accumulators x column factors (int32 for the residual)", columns=True)
+                           f"{M}x{N} accumulators{' + bias' if biased else ''} x column factors (int32 for the "
+                           "residual)", columns=True)
         self.free += bufs
 
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool, out: _Tensor | None = None) -> None:
@@ -898,7 +908,8 @@ class _Lowerer:
 
         ``inputs``: (tensor in device memory, how it is read, name) -> each lands as a
         slice-major on-chip tensor: int8 direct in the scratchpad (E = sp row for ``vrow``
-        readers: ``direct_E``), int32 in the accumulator, or widened (int8 in the scratchpad
+        readers: ``direct_E``), int32 in the accumulator (a one-row int32 tensor is repeated
+        down every row of the chunk, with stride-0 loads), or widened (int8 in the scratchpad
         then ``vbin mul`` by the factor rows into the accumulator).
         ``build(m, srcs, outs, tmp, params, ns, s0) -> [vector instructions]``: the chunk is
         ``m`` rows of the ``ns`` column slices from slice ``s0``; ``srcs`` (mem, row) per input,
@@ -1001,7 +1012,10 @@ class _Lowerer:
             loads = []
             fi = 0
             for (t, src, _), lay in zip(inputs, lay_in[c % buffers]):
-                if lay[0] == "acc":
+                if lay[0] == "acc" and t.rows == 1 < M:  # one row for every row (stride-0 loads)
+                    loads += [_ld(Mem.ACC, lay[1] + (s - s0) * mc, t.address + s * C * 4, mc,
+                                  min(C, t.cols - s * C), 0) for s in range(s0, min(-(-t.cols // C), s0 + k))]
+                elif lay[0] == "acc":
                     loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C, s0, k)
                 elif lay[0] == "widen":
                     loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C, s0, k)
@@ -1081,10 +1095,44 @@ class _Lowerer:
         return out
 
     def lower_layernorm(self, node: Node) -> None:
+        """``vrow layernorm``: int8 out (and an int8 twin with other scales), or with ``wide``
+        (int32 into accumulator rows) a graph output stored as int32, or two digits for the
+        Linears (the digit split) and an int32 copy for the residual Adds."""
         p = self.qg.norms[node.name]
         x = self.vec_source(node, node.inputs[0], p.src)
         M, D = x.rows, x.cols
         o = node.outputs[0]
+
+        def vrow(src, dst, param, m, wide):
+            return Instruction.make(Opcode.VROW, func="layernorm", src_mem=src[0], src=src[1], dst=dst, param=param,
+                                    rows=m, len=D, wide=int(wide))
+
+        if p.digits:
+            twin = p.twin
+            if twin is not None and not twin.wide:
+                self.fail(node, "a two-digit LayerNorm output's second copy must be int32")
+            rows = self.norm_params(p)
+            extra = [(self.new_tensor(o, M, D, 4, twin=True), "acc")] if twin is not None else []
+            params = np.vstack([rows] + ([self.norm_params(twin)] if twin is not None else []))
+
+            def produce(m, srcs, x12, prm, ns, outs=()):
+                ins = [vrow(srcs[0], x12, prm, m, True)]
+                if outs:
+                    ins.append(vrow(srcs[0], outs[0][1], prm + rows.shape[0], m, True))
+                return ins
+
+            self.digit_kernel(node, M, D, [(x, p.src, node.inputs[0])], params, produce,
+                              f"layernorm {M}x{D} from {p.src.kind}" + (" (+ int32 copy)" if twin else ""),
+                              columns=False, extra_outputs=extra)
+            return
+        if p.wide:
+            def build_wide(m, srcs, outs_, tmp, prm, ns, s0):
+                return [vrow(srcs[0], outs_[0][1], prm[0], m, True)]
+
+            self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build_wide,
+                               [(self.out_tensor(o, M, D, 4), "acc")], [self.norm_params(p)], 0,
+                               f"layernorm {M}x{D} from {p.src.kind} -> int32")
+            return
         outs = [(self.out_tensor(o, M, D, 1), "sp")]
         params = [self.norm_params(p)]
         if p.twin is not None:
@@ -1216,7 +1264,7 @@ class _Lowerer:
 
     def digit_kernel(self, node: Node, M: int, D: int, inputs: list, params: np.ndarray, produce: Callable,
                      detail: str, in_place: bool = False, factors: np.ndarray | None = None,
-                     columns: bool = True) -> None:
+                     columns: bool = True, extra_outputs: list = ()) -> None:
         """A vector kernel whose int32 result (``produce(m, srcs, x, param_row, ns)`` writes it to the
         accumulator rows at ``x``, at the output's scale) leaves as a two-digit tensor
         (``quantize.digit_values``): ``hi = vmap scale(x, 1/16)``, ``-16 hi`` by ``vbin mul`` with
@@ -1225,7 +1273,8 @@ class _Lowerer:
         ``2^DIGIT_FINE_SHIFT`` (``reference.digit_channels``). ``in_place``: the first input is in
         accumulator rows and ``x`` may overwrite it (fewer accumulator rows per token, longer
         chunks). ``columns``: the result is elementwise (False for a row operation such as a norm:
-        then a chunk is whole rows)."""
+        then a chunk is whole rows). ``extra_outputs``: more (tensor, "sp" | "acc") outputs of the
+        chunk, stored as well; ``produce`` then gets their (memory, row) as ``outs``."""
         C = self.E_acc
         nsl = -(-D // C)
         buf = self.new_tensor(node.outputs[0], 2 * M, D, 1)
@@ -1246,20 +1295,23 @@ class _Lowerer:
                           VecIn("int8", 1.0), "digit factors"))
 
         def build(m, srcs, outs_, tmp, prm, ns, s0):
-            (hm, ha), (lm, la) = outs_
+            (hm, ha), (lm, la) = outs_[:2]
             neg_mem, neg_at = srcs[len(inputs)]
             rows = ns * m
             if in_place and srcs[0][0] != Mem.ACC:
                 self.fail(node, "in-place digit split needs its input in accumulator rows")
             x12, prod = (srcs[0][1], tmp) if in_place else (tmp, tmp + rows)
-            ins = produce(m, srcs[:len(inputs)], x12, prm[0], ns)
+            if extra_outputs:
+                ins = produce(m, srcs[:len(inputs)], x12, prm[0], ns, outs=outs_[2:])
+            else:
+                ins = produce(m, srcs[:len(inputs)], x12, prm[0], ns)
             if factors is not None:
                 fm, fa = srcs[len(inputs) + 1]
                 ins.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=x12, b_mem=fm, b=fa,
                                             dst_mem=Mem.ACC, dst=x12, param=prm[3], rows=rows))
             return ins + _digit_split(x12, (hm, ha), (neg_mem, neg_at), prod, (lm, la), prm[1], prm[2], rows)
 
-        self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")], words,
+        self.vector_kernel(node, M, inputs + extra, build, [(hi, "sp"), (lo, "sp")] + list(extra_outputs), words,
                            nsl if in_place else 2 * nsl,
                            detail + ", two-digit output" + (" per channel" if factors is not None else ""),
                            columns=columns)
@@ -1412,6 +1464,14 @@ class _Lowerer:
                 self.tensors[o.name] = _Tensor(addr, M, D, 4)
                 self.graph_outputs.add(o.name)
                 self.output_channel_scales[o.name] = (lp.acc_in_scale * lp.w_scale.astype(np.float64)).tolist()
+                continue
+            np_ = qg.norms.get(prod.name) if prod.op in ("LayerNorm", "RMSNorm") else None
+            if np_ is not None and np_.wide:  # a norm's int32 output (vrow wide), one scale
+                addr = self.mem.allocate(o.name, M * D * 4, "output")
+                self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int32", addr,
+                                                     scale=float(np_.out_scale)))
+                self.tensors[o.name] = _Tensor(addr, M, D, 4)
+                self.graph_outputs.add(o.name)
                 continue
             s = qg.act_scales.get(o.name)
             if isinstance(s, np.ndarray) or s is None:
