@@ -26,7 +26,7 @@ from .reference import float_kernel, key_lengths
 
 __all__ = ["limit_blas_threads", "CompileResult", "quantize_for_device", "compile_onnx", "compile_graph", "host_graph", "host_inputs", "device_outputs",
            "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_VECTOR_ALPHA", "DEFAULT_DIGITS", "DEFAULT_DIGIT_ALPHA",
-           "DEFAULT_PROB_DIGITS"]
+           "DEFAULT_PROB_DIGITS", "DEFAULT_NORM_DIGITS", "DEFAULT_WIDE_LINEARS"]
 
 #: Calibration defaults (see docs/compiler.md for the measurements behind them).
 DEFAULT_METHOD = "max"
@@ -35,6 +35,10 @@ DEFAULT_VECTOR_ALPHA = 0.6  # per-channel scales of tensors only vector ops read
 DEFAULT_DIGITS = True  # two-digit (12-bit) FFN down-projection inputs (quantize.digit_values)
 DEFAULT_DIGIT_ALPHA = 0.0  # their smoothing: 0, one scale per tensor (MiniLM: mean cosine 0.9952 vs 0.9943 at 0.4)
 DEFAULT_PROB_DIGITS = False  # two-digit attention probabilities (a wide softmax) instead of int8 at 1/127
+#: Norm outputs the Linears read as two digits, the residual Adds and the host as int32 (quantize.norm_digit_values)
+DEFAULT_NORM_DIGITS = True
+#: Linears read only by the int32 residual hand it their accumulators (attention output, FFN down)
+DEFAULT_WIDE_LINEARS = True
 
 
 def limit_blas_threads(threads: int = 1) -> bool:
@@ -76,8 +80,8 @@ def quantize_for_device(graph: Graph, batches: Iterable[Mapping[str, np.ndarray]
                         alpha: float = DEFAULT_ALPHA, vector_alpha: float = DEFAULT_VECTOR_ALPHA,
                         int32_outputs=(), fixed_scales=None, digits: bool = DEFAULT_DIGITS,
                         digit_alpha: float = DEFAULT_DIGIT_ALPHA,
-                        prob_digits: bool = DEFAULT_PROB_DIGITS, wide_linears: bool = False,
-                        norm_digits: bool = False) -> QuantizedGraph:
+                        prob_digits: bool = DEFAULT_PROB_DIGITS, wide_linears: bool = DEFAULT_WIDE_LINEARS,
+                        norm_digits: bool = DEFAULT_NORM_DIGITS) -> QuantizedGraph:
     """Calibrate on ``batches`` (float runs) and quantize with the defaults the back end expects."""
     cal = Calibrator(graph)
     for feeds in batches:

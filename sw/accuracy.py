@@ -129,17 +129,21 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
                     verbose: bool = True) -> dict:
     """Cosine similarity of the int8 emulation (``run_int8``, the bundle's integers) vs float
     PyTorch sentence embeddings, per calibration choice ``(method, alpha, vector_alpha, digits[,
-    prob_digits])`` quantized as :func:`weft.compiler.pipeline.quantize_for_device` does (alpha 0:
-    per-tensor activations; digits: two-digit FFN down-projection input; prob_digits: two-digit
-    attention probabilities, default the compiler's). Default: the compiler's defaults, then the
-    same with an int8 FFN input."""
-    from weft.compiler.pipeline import (DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_METHOD, DEFAULT_PROB_DIGITS,
-                                        DEFAULT_VECTOR_ALPHA)
+    prob_digits[, norm_digits[, wide_linears]]])`` quantized as
+    :func:`weft.compiler.pipeline.quantize_for_device` does (alpha 0: per-tensor activations;
+    digits: two-digit FFN down-projection input; prob_digits: two-digit attention probabilities;
+    norm_digits: two-digit LayerNorm outputs for the Linears, int32 for the residual and the
+    output; wide_linears: int32 attention-output and FFN-down hand-offs to the residual; the
+    optional ones default to the compiler's). Default: the compiler's defaults, then every
+    hand-off but the FFN input int8, then all of them int8."""
+    from weft.compiler.pipeline import (DEFAULT_ALPHA, DEFAULT_DIGITS, DEFAULT_METHOD, DEFAULT_NORM_DIGITS,
+                                        DEFAULT_PROB_DIGITS, DEFAULT_VECTOR_ALPHA, DEFAULT_WIDE_LINEARS)
     from weft.sw.models.minilm import MiniLM
 
     if choices is None:
-        choices = [(DEFAULT_METHOD, DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, DEFAULT_DIGITS),
-                   (DEFAULT_METHOD, DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA, not DEFAULT_DIGITS)]
+        base = (DEFAULT_METHOD, DEFAULT_ALPHA, DEFAULT_VECTOR_ALPHA)
+        choices = [base + (DEFAULT_DIGITS, DEFAULT_PROB_DIGITS, DEFAULT_NORM_DIGITS, DEFAULT_WIDE_LINEARS),
+                   base + (True, False, False, False), base + (False, False, False, False)]
     model = MiniLM.from_pretrained()
     graph = import_onnx(model.export_onnx(seq_len=seq_len, exporter=exporter))
     sentences = list(sentences or EVAL_SENTENCES)
@@ -157,11 +161,13 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
     for choice in choices:
         method, alpha, valpha, digits = choice[:4]
         prob_digits = bool(choice[4]) if len(choice) > 4 else DEFAULT_PROB_DIGITS
+        norm_digits = bool(choice[5]) if len(choice) > 5 else DEFAULT_NORM_DIGITS
+        wide_linears = bool(choice[6]) if len(choice) > 6 else DEFAULT_WIDE_LINEARS
         t = time.time()
         scales = {k: c / 127.0 for k, c in cal.thresholds(method).items()}
         qg = quantize(graph, scales, method=method, channel_scales=cal.channel_scales(alpha) if alpha > 0 else None,
                       vector_channel_scales=cal.channel_scales(valpha) if alpha > 0 else None, amax=cal.amax,
-                      digits=digits, prob_digits=prob_digits)
+                      digits=digits, prob_digits=prob_digits, norm_digits=norm_digits, wide_linears=wide_linears)
         emb = _embed(qg, items)
         cos = np.sum(emb * ref, axis=1)
         remb = _embed(qg, rank_items)
@@ -176,7 +182,9 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
         r = {"min": float(cos.min()), "mean": float(cos.mean()), "below_0.99": int(np.sum(cos < 0.99)),
              "ranking_preserved": f"{sum(ranks_ok)}/{len(ranks_ok)}", "seconds": round(time.time() - t, 1)}
         label = f"{method}, alpha={alpha}/{valpha}, {'two-digit' if digits else 'int8'} FFN input" + (
-            ", two-digit probabilities" if prob_digits else "")
+            ", two-digit probabilities" if prob_digits else "") + (
+            f", {'two-digit + int32' if norm_digits else 'int8'} LayerNorm outputs") + (
+            f", {'int32' if wide_linears else 'int8'} residual hand-off")
         results["choices"][label] = r
         if verbose:
             print(f"{label}: min {r['min']:.4f} mean {r['mean']:.4f} "

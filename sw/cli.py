@@ -813,10 +813,12 @@ def cmd_compile(args) -> int:
         args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
         args.vector_alpha = DEFAULT_VECTOR_ALPHA if args.vector_alpha is None else args.vector_alpha
         qg = quantize_for_device(graph, batches, method=args.method, alpha=args.alpha, vector_alpha=args.vector_alpha,
-                                 digits=args.digits, prob_digits=args.prob_digits)
+                                 digits=args.digits, prob_digits=args.prob_digits, norm_digits=args.norm_digits,
+                                 wide_linears=args.wide_linears)
         show("calibrate + quantize", time.perf_counter() - t,
              f"{note}, method {args.method}, alpha {args.alpha}/{args.vector_alpha}"
-             f"{'' if args.digits else ', int8 FFN input'}{', two-digit probabilities' if args.prob_digits else ''}")
+             f"{'' if args.digits else ', int8 FFN input'}{', two-digit probabilities' if args.prob_digits else ''}"
+             f"{'' if args.norm_digits else ', int8 norm outputs'}{'' if args.wide_linears else ', int8 residual'}")
         t = time.perf_counter()
         seq = next((v.shape[-1] for v in graph.inputs), None)
         bundle = lower(qg, config, model=model.stem, metadata={"seq_len": seq, "source": str(model)})
@@ -1017,6 +1019,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--two-digit-probs", dest="prob_digits", action="store_true",
                       help="attention probabilities as two int8 digits from a wide softmax (1/2047) instead of int8 "
                            "at 1/127 (a second pass of P through V's tiles; the decoders' default)")
+    comp.add_argument("--int8-norms", dest="norm_digits", action="store_false",
+                      help="hand norm outputs on as int8 (default: two int8 digits to the Linears, int32 to the "
+                           "residual adds and the host; two passes of the Linears that read them)")
+    comp.add_argument("--int8-residual", dest="wide_linears", action="store_false",
+                      help="the attention output and FFN down projections hand the residual int8 (default: their "
+                           "int32 accumulators on one scale)")
     comp.add_argument("--listing", action="store_true", help="also write OUTPUT.lst, a per-layer program listing")
     comp.set_defaults(func=cmd_compile)
 
