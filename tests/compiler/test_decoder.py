@@ -46,9 +46,10 @@ def tiny_q(tiny):
     model, graph = tiny
     rng = np.random.default_rng(0)
     cal = [{"input_ids": rng.integers(3, 259, (1, T))} for _ in range(6)]
-    # the int8 FFN input (the two-digit ones: test_rmsnorm_swiglu_bundle_equals_int8_reference and
-    # the decode bundle tests)
-    return quantize_for_device(graph, cal, int32_outputs=["logits"], digits=False)
+    # the int8 FFN input, norm outputs and residual hand-offs (the two-digit and int32 ones:
+    # test_rmsnorm_swiglu_bundle_equals_int8_reference and the decode bundle tests)
+    return quantize_for_device(graph, cal, int32_outputs=["logits"], digits=False, norm_digits=False,
+                               wide_linears=False)
 
 
 def test_prefill_fusions_and_ops(tiny):

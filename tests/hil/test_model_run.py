@@ -79,8 +79,11 @@ def test_whole_and_segmented_runs_match_the_bit_exact_model(session, tiny_bert):
         assert total["array_busy"] == whole["array_busy"]
         assert total["bytes_written"] == whole["bytes_written"]
         # each piece starts with an empty fetch pipeline (on tiny's 32-bit bus a 16-byte
-        # instruction takes 4 beats): a little slower than the whole run, never faster
-        assert whole["cycles"] <= total["cycles"] <= whole["cycles"] + 256 * len(segs)
+        # instruction takes 4 beats, ahead of the data loads on the read channel), so where
+        # fetch and loads meet shifts after each cut: a piece can be a little slower or faster
+        # than the same instructions in the whole run (measured -357 to +1,429 cycles over
+        # about 300,000 when cutting this program at a layer boundary)
+        assert abs(total["cycles"] - whole["cycles"]) <= 0.01 * whole["cycles"] + 256 * len(segs)
     # the program is unchanged afterwards: a whole run still gives the same bytes
     outputs, again = session.run(bundle, inputs, timeout_s=120)
     assert first_difference(outputs, expected) is None and again["cycles"] == whole["cycles"]
