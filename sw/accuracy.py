@@ -37,6 +37,9 @@ CALIBRATION_SENTENCES = [
     "Please send the quarterly report to the finance team by Friday afternoon, including the revised "
     "forecasts for the European and Asian markets and a short summary of the risks we identified.",
     "Cats sleep a lot.",
+    # short inputs: in a sentence of 3 to 6 tokens the special tokens' hidden states dominate
+    # and reach ranges the longer sentences do not (docs/compiler.md, "How the minimum was reached")
+    "Sure.", "Hello!", "Not really.", "Well done!",
 ]
 
 _LONG = ("In the early years of the twentieth century, the small coastal town underwent a remarkable "

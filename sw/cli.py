@@ -780,7 +780,7 @@ def _calibration(args, graph) -> tuple[list[dict], str]:
         if not sentences:
             raise UsageError(f"{path}: no sentences")
         return _sentence_feeds(graph, sentences, seq_len), f"{len(sentences)} sentences from {path}"
-    n = args.calibration_sentences
+    n = len(CALIBRATION_SENTENCES) if args.calibration_sentences is None else args.calibration_sentences
     if not 1 <= n <= len(CALIBRATION_SENTENCES):
         raise UsageError(f"--calibration-sentences must be 1..{len(CALIBRATION_SENTENCES)} (the built-in set)")
     return _sentence_feeds(graph, CALIBRATION_SENTENCES[:n], seq_len), f"{n} built-in sentences"
@@ -1004,8 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = comp.add_mutually_exclusive_group()
     cal.add_argument("--calibration", metavar="FILE",
                      help="calibration data: a text file (one sentence per line) or .npz (model inputs, samples first)")
-    cal.add_argument("--calibration-sentences", type=int, default=8, metavar="N",
-                     help="calibrate on the first N built-in sentences (default: all 8)")
+    cal.add_argument("--calibration-sentences", type=int, metavar="N",
+                     help="calibrate on the first N built-in sentences (default: all 12)")
     comp.add_argument("--seq-len", type=int, help="sequence length for a model with dynamic input shapes")
     comp.add_argument("--method", choices=["max", "percentile", "mse"], default="max", help="calibration method")
     comp.add_argument("--alpha", type=float,
