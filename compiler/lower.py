@@ -1465,8 +1465,8 @@ class _Lowerer:
                 self.graph_outputs.add(o.name)
                 self.output_channel_scales[o.name] = (lp.acc_in_scale * lp.w_scale.astype(np.float64)).tolist()
                 continue
-            np_ = qg.norms.get(prod.name) if prod.op in ("LayerNorm", "RMSNorm") else None
-            if np_ is not None and np_.wide:  # a norm's int32 output (vrow wide), one scale
+            np_ = qg.norms.get(prod.name) if prod.op == "LayerNorm" else None
+            if np_ is not None and np_.wide:  # a LayerNorm's int32 output (vrow wide), one scale
                 addr = self.mem.allocate(o.name, M * D * 4, "output")
                 self.outputs.append(TensorSpec.dense(o.name, tuple(o.shape), "int32", addr,
                                                      scale=float(np_.out_scale)))

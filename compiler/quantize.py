@@ -60,7 +60,7 @@ WIDEN_BITS = 10
 #: (BERT's min(operand scales) / 16 would shrink by 16 per layer).
 RESIDUAL_WIDE_BITS = 20
 #: A norm output handed on as int32 (``quantize(norm_digits=True)``: a LayerNorm's copy for the
-#: residual Adds, a norm's graph output) is at max(|x| maximum, |beta| maximum) / 2**NORM_WIDE_BITS
+#: residual Adds, a LayerNorm graph output no device op reads) is at max(|x| maximum, |beta| maximum) / 2**NORM_WIDE_BITS
 #: (the norm's beta words, beta / scale * 2**16, stay within int32).
 NORM_WIDE_BITS = 14
 #: SiLU inside SwiGLU writes int32 at the gate's scale / 2**SILU_MID_BITS (|silu(g)| <= |g|).
@@ -531,8 +531,8 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
     accumulators, then ``vbin mul`` by the factors) instead of an int8 tensor. ``norm_digits``: a
     norm output read by Linears (:func:`norm_digit_values`) becomes a two-digit tensor: the norm
     writes int32 at 127/2047 of its int8 scale (per channel, in its gains), split into digits; a
-    LayerNorm's residual Adds read a second copy written as int32, and a norm's graph output is
-    int32 (:data:`NORM_WIDE_BITS`)."""
+    LayerNorm's residual Adds read a second copy written as int32, and a LayerNorm graph output
+    that no device op reads is int32 (:data:`NORM_WIDE_BITS`)."""
     scales = dict(act_scales)
     amax = dict(amax or {})
     int32_outputs = set(int32_outputs)
@@ -724,7 +724,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 raise QuantizeError(f"{n.name} (LayerNorm): only normalisation over the last axis is supported")
             src = vec_in(x, n)
             o = n.outputs[0]
-            if norm_digits and o in outputs:  # the host reads int32, not int8
+            if norm_digits and o in outputs and not cons.get(o):  # only the host reads it: int32, not int8
                 qg.norms[n.name] = _norm(src, gamma, beta, _norm_wide_scale(peak(o, n), beta), wide=True)
                 scales[o] = qg.norms[n.name].out_scale
                 continue
