@@ -34,7 +34,7 @@ from weft.hw.vector_numerics import pack_scale_word
 
 from .memory import DeviceMemoryPlan
 
-__all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle",
+__all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bundle", "wide_gemm_params",
            "GemvPlan", "plan_gemv", "gemv_program", "gemv_params", "build_gemv_bundle", "digit_gemm_params",
            "gemv_digit_consts"]
 
@@ -52,7 +52,7 @@ class GemmPlan:
     M: int
     N: int
     K: int
-    output: str  # "int8" (requantized) or "int32" (raw accumulators)
+    output: str  # "int8" (requantized), "int32" (raw accumulators) or "wide" (see gemm_program)
     mb: int  # rows of A per block
     k_tiles: int
     n_tiles: int
@@ -65,10 +65,12 @@ class GemmPlan:
     sp_b: tuple[int, ...]  # first row of each B tile slot (array.rows rows each)
     sp_out: tuple[int, ...]  # first row of each int8 output slot (mb rows each)
     acc_tile: tuple[int, ...]  # first row of each accumulator slot (mb rows each)
-    acc_param: tuple[int, ...]  # first row of each parameter slot (2 rows each, 3 for a two-digit A)
+    acc_param: tuple[int, ...]  # first row of each parameter slot (2 rows each, 3 for a two-digit A;
+    #                              "wide": 3 word rows, then mb rows of the bias)
     sp_rows_used: int
     acc_rows_used: int
     a_digits: bool = False  # A is two int8 digit planes: every block streams 2 x its rows
+    sp_fac: tuple[int, ...] = ()  # "wide": first row of each slot's column factors (mb rows each)
 
     @property
     def steps(self) -> int:
@@ -89,8 +91,8 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
     accumulator rows per tile) and its parameter slots a third row (the ``vbin add`` words).
     Raises :class:`GemmError` naming the memory that is too small.
     """
-    if output not in ("int8", "int32"):
-        raise GemmError(f"output must be 'int8' or 'int32', got {output!r}")
+    if output not in ("int8", "int32", "wide"):
+        raise GemmError(f"output must be 'int8', 'int32' or 'wide', got {output!r}")
     for name, value in (("M", M), ("N", N), ("K", K)):
         if value < 1:
             raise GemmError(f"{name}={value}: dimensions must be at least 1")
@@ -111,11 +113,12 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
         raise GemmError(f"queues.token_max={config.queues.token_max} is too small: the GEMM kernel keeps "
                         f"up to {max(b_slots, 2)} tokens in flight between two queues")
     int8_out = output == "int8"
-    if a_digits and not int8_out:
-        raise GemmError("a two-digit A needs int8 output (the digits are combined before REQUANT)")
+    wide = output == "wide"
+    if a_digits and output == "int32":
+        raise GemmError("a two-digit A needs int8 or wide output (the digits are combined by the vector unit)")
     acc_slots = out_slots = 2
-    param_slots = 2 if int8_out else 0
-    param_rows = 3 if a_digits else 2
+    param_slots = 2 if int8_out or wide else 0
+    param_rows = 3 if a_digits or wide else 2
     d = 2 if a_digits else 1  # rows streamed per row of A
     sp_free = config.sp_rows - sp_base
     acc_free = config.acc_rows - acc_base - param_rows * param_slots
@@ -124,10 +127,12 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
     # K is long (every block streams all of B again, one PRELOAD per tile). One slot is
     # race-free when b_slots <= k_tiles: block i + 1 loads slice t of A at its step t, after
     # the MATMUL b_slots steps earlier, which is no earlier than block i's last read of slice t.
-    mb_acc = acc_free // (acc_slots * d)
+    # wide: each parameter slot also holds mb rows of bias (accumulator) and of factors (scratchpad)
+    mb_acc = acc_free // (acc_slots * d + (param_slots if wide else 0))
+    sp_per_row = (out_slots if int8_out else 0) + (param_slots if wide else 0)
 
     def block_rows(a_slots: int) -> int:
-        mb_sp_ = (sp_free - b_slots * R) // (a_slots * d * k_tiles + (out_slots if int8_out else 0))
+        mb_sp_ = (sp_free - b_slots * R) // (a_slots * d * k_tiles + sp_per_row)
         return min(mb_sp_, mb_acc, (1 << 16) - 1, max_block_rows or M)
 
     a_slots = 2
@@ -136,9 +141,9 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
         a_slots = 1
     mb_max = block_rows(a_slots)
     if mb_max < 1:
-        mb_sp = (sp_free - b_slots * R) // (a_slots * d * k_tiles + (out_slots if int8_out else 0))
-        need_sp = b_slots * R + d * k_tiles + (out_slots if int8_out else 0)
-        need_acc = acc_slots * d + param_rows * param_slots
+        mb_sp = (sp_free - b_slots * R) // (a_slots * d * k_tiles + sp_per_row)
+        need_sp = b_slots * R + d * k_tiles + sp_per_row
+        need_acc = acc_slots * d + (param_rows + (1 if wide else 0)) * param_slots
         short = [f"scratchpad needs {need_sp} rows, {sp_free} free (short by {need_sp - sp_free})"
                  for _ in [0] if mb_sp < 1]
         short += [f"accumulator needs {need_acc} rows, {config.acc_rows - acc_base} free "
@@ -151,19 +156,22 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
     sp_b = tuple(sp_base + a_slots * d * mb * k_tiles + s * R for s in range(b_slots))
     out_base = sp_base + a_slots * d * mb * k_tiles + b_slots * R
     sp_out = tuple(out_base + s * mb for s in range(out_slots)) if int8_out else ()
+    sp_fac = tuple(out_base + s * mb for s in range(param_slots)) if wide else ()
     acc_tile = tuple(acc_base + s * d * mb for s in range(acc_slots))
     param_base = acc_base + acc_slots * d * mb
-    acc_param = tuple(param_base + param_rows * s for s in range(param_slots))
+    slot_rows = param_rows + (mb if wide else 0)
+    acc_param = tuple(param_base + slot_rows * s for s in range(param_slots))
     return GemmPlan(M, N, K, output, mb, k_tiles, n_tiles, m_blocks, b_slots, acc_slots,
                     out_slots if int8_out else 0, param_slots, sp_a, sp_b, sp_out, acc_tile, acc_param,
-                    sp_rows_used=(out_base + (out_slots * mb if int8_out else 0)) - sp_base,
-                    acc_rows_used=param_base + param_rows * param_slots - acc_base, a_digits=a_digits)
+                    sp_rows_used=out_base + sp_per_row * mb - sp_base,
+                    acc_rows_used=param_base + slot_rows * param_slots - acc_base, a_digits=a_digits,
+                    sp_fac=sp_fac)
 
 
 def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_addr: int, out_addr: int,
                  params_addr: int | None = None, a_stride: int | None = None, b_stride: int | None = None,
                  out_stride: int | None = None, relu: bool = False, halt: bool = True,
-                 a_plane: int | None = None) -> list[Instruction]:
+                 a_plane: int | None = None, wide_bias: bool = True) -> list[Instruction]:
     """Emit the instruction stream for ``plan``.
 
     Device-memory operands (byte addresses, row-major with the given row strides in bytes):
@@ -175,16 +183,24 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     bytes after it; both stream through each weight tile (``2 m`` rows per MATMUL), a
     ``vbin add`` forms ``16 acc_hi + acc_lo`` before REQUANT, and the parameters are ``3 x N``
     (:func:`digit_gemm_params`, padded to whole tiles).
+
+    ``wide`` output (a Linear handing the int32 residual its accumulators): per accumulator
+    tile the vector unit forms ``16 acc_hi + acc_lo`` (two-digit A), adds the bias and multiplies
+    by the columns' int8 factors (``vbin add``, ``vbin add``, ``vbin mul``: bias and factor rows
+    loaded down the tile with stride-0 loads), and the int32 tile is stored;
+    ``params_addr`` points at :func:`wide_gemm_params`. ``wide_bias=False`` (a bias of zeros)
+    leaves out the bias rows' loads and their ``vbin add``.
     """
     R, C = config.array.rows, config.array.cols
     N, K = plan.N, plan.K
     int8_out = plan.output == "int8"
+    wide = plan.output == "wide"
     out_elem = 1 if int8_out else 4
     a_stride = K if a_stride is None else a_stride
     b_stride = N if b_stride is None else b_stride
     out_stride = N * out_elem if out_stride is None else out_stride
-    if int8_out and params_addr is None:
-        raise GemmError("int8 output needs params_addr (bias and scale words)")
+    if (int8_out or wide) and params_addr is None:
+        raise GemmError(f"{plan.output} output needs params_addr (bias and scale words)")
     digits = plan.a_digits
     if digits and a_plane is None:
         raise GemmError("a two-digit A needs a_plane (the offset of its lo plane)")
@@ -192,7 +208,10 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
     prm_rows = 3 if digits else 2
 
     prog: list[Instruction] = []
-    consumer = V if int8_out else S  # who empties accumulator tiles
+    consumer = V if int8_out else S  # who empties accumulator tiles (wide: the store, after the vector unit)
+    done = V if int8_out or wide else S  # who takes a finished accumulator tile
+    bias_at = WIDE_WORD_ROWS * C * 4  # wide parameters: word rows, bias row, factor row
+    fac_at = bias_at + plan.n_tiles * C * 4
     step = 0
     tile = 0
     for i in range(plan.m_blocks):
@@ -205,6 +224,17 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 k = min(R, K - t * R)
                 # ---- load queue: the step's inputs
                 loads: list[Instruction] = []
+                if wide and t == 0:  # word rows, then bias and factors down the tile (stride 0)
+                    p = plan.acc_param[tile % plan.param_slots]
+                    f = plan.sp_fac[tile % plan.param_slots]
+                    loads.append(Instruction.make(Opcode.LOAD, mem=Mem.ACC, local=p, dram=params_addr,
+                                                  rows=WIDE_WORD_ROWS, cols=C, stride=C * 4,
+                                                  wait=[V] if tile >= plan.param_slots else []))
+                    if wide_bias:
+                        loads.append(Instruction.make(Opcode.LOAD, mem=Mem.ACC, local=p + WIDE_WORD_ROWS,
+                                                      dram=params_addr + bias_at + j * C * 4, rows=m, cols=n, stride=0))
+                    loads.append(Instruction.make(Opcode.LOAD, mem=Mem.SP, local=f, dram=params_addr + fac_at + j * C,
+                                                  rows=m, cols=n, stride=0, signal=[V]))
                 if int8_out and t == 0:
                     p = plan.acc_param[tile % plan.param_slots]
                     # digits: whole padded rows, so a partial tile still gets both vbin add words
@@ -233,7 +263,7 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                 prog.append(Instruction.make(Opcode.PRELOAD, sp=b_slot, k=k, n=n, transpose=0, wait=wait))
                 signal = {L}
                 if t == plan.k_tiles - 1:
-                    signal.add(consumer)
+                    signal.add(done)
                 prog.append(Instruction.make(Opcode.MATMUL, a=a_slot + t * d * plan.mb, acc=acc, m=d * m, k=k,
                                              accumulate=int(t > 0), signal=signal))
                 step += 1
@@ -252,6 +282,24 @@ def gemm_program(config: AcceleratorConfig, plan: GemmPlan, *, a_addr: int, b_ad
                                              wait=wait, signal={MM, S, L}))
                 prog.append(Instruction.make(Opcode.STORE, mem=Mem.SP, local=out, dram=out_row, rows=m, cols=n,
                                              stride=out_stride, wait={V}, signal={V}))
+            elif wide:
+                prm = plan.acc_param[tile % plan.param_slots]
+                fac = plan.sp_fac[tile % plan.param_slots]
+                wait = {MM, L}
+                if digits:  # acc_hi (first m rows) = 16 acc_hi + acc_lo, in place
+                    prog.append(Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=acc, b_mem=Mem.ACC,
+                                                 b=acc + m, dst_mem=Mem.ACC, dst=acc, param=prm, rows=m, wait=wait))
+                    wait = set()
+                if wide_bias:
+                    prog.append(Instruction.make(Opcode.VBIN, func="add", a_mem=Mem.ACC, a=acc, b_mem=Mem.ACC,
+                                                 b=prm + WIDE_WORD_ROWS, dst_mem=Mem.ACC, dst=acc, param=prm + 1,
+                                                 rows=m, wait=wait))
+                    wait = set()
+                prog.append(Instruction.make(Opcode.VBIN, func="mul", a_mem=Mem.ACC, a=acc, b_mem=Mem.SP, b=fac,
+                                             dst_mem=Mem.ACC, dst=acc, param=prm + 2, rows=m, wait=wait,
+                                             signal={S, L}))
+                prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=out_row, rows=m, cols=n,
+                                             stride=out_stride, wait={V}, signal={MM}))
             else:
                 prog.append(Instruction.make(Opcode.STORE, mem=Mem.ACC, local=acc, dram=out_row, rows=m, cols=n,
                                              stride=out_stride, wait={MM}, signal={MM}))
@@ -277,6 +325,31 @@ def digit_gemm_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarra
     if C > 1:
         out[2, 1::C] = int(pack_scale_word(1, 0))
     return out
+
+
+#: Word rows at the start of a ``wide`` GEMM's parameters (:func:`wide_gemm_params`).
+WIDE_WORD_ROWS = 3
+
+
+def wide_gemm_params(config: AcceleratorConfig, bias, factors, word: int) -> np.ndarray:
+    """The parameters of a ``wide`` GEMM (bytes, int32-aligned): three rows of ``cols`` int32
+    words (``vbin add`` (16, 1) for the digits, (1, 1) for the bias; the ``vbin mul`` word),
+    the bias (int32, zero-padded to whole tiles) and the columns' int8 factors (padded)."""
+    from .reference import DIGIT_BASE
+
+    bias = np.asarray(bias, np.int64).ravel()
+    N = bias.size
+    C = config.array.cols
+    Np = math.ceil(N / C) * C
+    words = np.zeros((WIDE_WORD_ROWS, C), np.int32)
+    words[0, 0], words[1, 0], words[2, 0] = int(pack_scale_word(DIGIT_BASE, 0)), 1, word
+    if C > 1:
+        words[0, 1] = words[1, 1] = 1
+    b = np.zeros(Np, np.int32)
+    b[:N] = bias
+    f = np.zeros(Np, np.int8)
+    f[:N] = np.asarray(factors, np.int8).ravel()
+    return np.concatenate([words.view(np.uint8).ravel(), b.view(np.uint8), f.view(np.uint8)])
 
 
 # ---------------------------------------------------------------------- GEMV (decode)

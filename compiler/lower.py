@@ -48,7 +48,7 @@ from weft.hw.isa import INSTR_BYTES, Instruction, Mem, Opcode, Queue, format_ins
 from weft.hw.vector_numerics import param_rows
 
 from .gemm import (GemmError, digit_gemm_params, gemm_program, gemv_digit_consts, gemv_params, gemv_program,
-                   plan_gemm, plan_gemv)
+                   plan_gemm, plan_gemv, wide_gemm_params)
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
@@ -283,14 +283,15 @@ class _Lowerer:
 
     # ------------------------------------------------------------------ GEMM
     def gemm(self, node: Node, *, M, N, K, a_addr, a_stride, b_addr, b_stride, out_addr, out_stride,
-             params_addr=None, output="int8", b_transposed=False, a_plane=0) -> list[Instruction]:
+             params_addr=None, output="int8", b_transposed=False, a_plane=0, wide_bias=True) -> list[Instruction]:
         """The GEMM kernel for these operands: a template (generated once per shape and
         strides, with every operand at address 0) relocated to the operands' addresses.
         ``a_plane``: A is a two-digit tensor with its lo plane that many bytes after hi."""
-        key = (M, N, K, output, a_stride, b_stride, out_stride, b_transposed, a_plane)
+        key = (M, N, K, output, a_stride, b_stride, out_stride, b_transposed, a_plane, wide_bias)
         tpl = self.gemm_templates.get(key)
         if tpl is None:
-            tpl = self._gemm_template(node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane)
+            tpl = self._gemm_template(node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane,
+                                      wide_bias)
             self.gemm_templates[key] = tpl
             self.gemm_drains[key] = drain_tokens([ins for ins, _ in tpl])
         self.last_drain = self.gemm_drains[key]
@@ -302,7 +303,8 @@ class _Lowerer:
             out.append(ins)
         return out
 
-    def _gemm_template(self, node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane=0):
+    def _gemm_template(self, node, M, N, K, a_stride, b_stride, out_stride, output, b_transposed, a_plane=0,
+                       wide_bias=True):
         try:
             plan = plan_gemm(self.cfg, M, N, K, output=output, a_digits=bool(a_plane))
         except GemmError as exc:
@@ -314,8 +316,8 @@ class _Lowerer:
         # load to read the tile's rows of B^T and preload it transposed.
         prog = gemm_program(self.cfg, plan, a_addr=0, b_addr=0, out_addr=0, params_addr=0, a_stride=a_stride,
                             b_stride=N if b_transposed else b_stride, out_stride=out_stride, halt=False,
-                            a_plane=a_plane or None)
-        slots = set(plan.sp_b)
+                            a_plane=a_plane or None, wide_bias=wide_bias)
+        slots, fac_slots = set(plan.sp_b), set(plan.sp_fac)
         R, C = self.R, self.C
         tpl = []
         for ins in prog:
@@ -323,7 +325,7 @@ class _Lowerer:
             if ins.opcode == Opcode.STORE:
                 operand = "out"
             elif ins.opcode == Opcode.LOAD:
-                if ins.mem == Mem.ACC:
+                if ins.mem == Mem.ACC or ins.local in fac_slots:
                     operand = "params"
                 elif ins.local in slots:
                     operand = "b"
@@ -379,36 +381,37 @@ class _Lowerer:
 
     def lower_wide_linear(self, node: Node, p, x: _Tensor, cols: np.ndarray) -> None:
         """A Linear that hands the int32 residual its accumulators (``quantize(wide_linears=True)``):
-        the GEMM (or GEMV) with int32 output into a scratch tensor, then a vector kernel
-        ``vbin mul`` by the rows of the columns' int8 factors, rounded by the word's shift, into
-        the output's int32 tensor (one scale for every column)."""
+        the GEMM with ``wide`` output (``gemm.gemm_program``: per accumulator tile the digits
+        combined, the bias added and the columns' int8 factors multiplied in, rounded by the
+        word's shift, on the vector unit beside the next tiles' matmuls), straight into the
+        output's int32 tensor (one scale for every column). One row (a decode step): the GEMV
+        with int32 output, then a vector kernel ``vbin add`` of the bias and ``vbin mul`` by the
+        factors."""
         K, N = p.weight.shape
         M = x.rows
         if not np.array_equal(cols, np.arange(N)):
             self.fail(node, "a permuted int32 Linear output is not supported")
-        split = bool(x.plane) and M > 1  # the GEMM combines digits only before REQUANT: one int32 GEMM per digit
-        bufs = [self.scratch(f"{node.name}.acc{i}", M * N * 4) for i in range(2 if split else 1)]
-        accs = [_Tensor(b.address, M, N, 4) for b in bufs]
-        if M == 1:
-            self.lower_gemv(node, p, x, cols, True, out=accs[0])
-        else:
-            w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)))
-            p_addr = self.const(f"{node.name}.params", np.zeros((2, N), dtype=np.int32))
-            for i, acc in enumerate(accs):  # hi plane (or the int8 input), then lo
-                body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address + i * x.plane, a_stride=x.stride,
-                                 b_addr=w_addr, b_stride=N, out_addr=acc.address, out_stride=N * 4,
-                                 params_addr=p_addr, output="int32")
-                what = ("hi", "lo")[i] + " digit" if split else "input"
-                self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K} (int32, {what})", self.last_drain)
+        if p.in_digits != bool(x.plane):
+            self.fail(node, f"input {node.inputs[0]!r} is {'' if x.plane else 'not '}a two-digit tensor, "
+                            "unlike what the quantizer planned")
         out = self.new_tensor(node.outputs[0], M, N, 4)
-        factors = _Tensor(self.const(f"{node.name}.factors", np.tile(np.asarray(p.wide_factors, np.int8), (M, 1))),
-                          M, N, 1)
+        if M > 1:
+            w_addr = self.const(f"{node.name}.weight", np.ascontiguousarray(p.weight.astype(np.int8)))
+            p_addr = self.const(f"{node.name}.params", wide_gemm_params(self.cfg, p.bias, p.wide_factors, p.wide_word))
+            body = self.gemm(node, M=M, N=N, K=K, a_addr=x.address, a_stride=x.stride, b_addr=w_addr, b_stride=N,
+                             out_addr=out.address, out_stride=N * 4, params_addr=p_addr, output="wide",
+                             a_plane=x.plane, wide_bias=bool(np.any(p.bias)))
+            self.emit_kernel(node.name, node, body, f"GEMM {M}x{N}x{K}" + (", two-digit input" if x.plane else "")
+                             + ", int32 for the residual (bias, column factors)", self.last_drain)
+            return
+        buf = self.scratch(f"{node.name}.acc", N * 4)
+        acc = _Tensor(buf.address, 1, N, 4)
+        self.lower_gemv(node, p, x, cols, True, out=acc)
         C = self.E_acc
         biased = bool(np.any(p.bias))
-        params = [param_rows([p.wide_word], C), param_rows([DIGIT_BASE_WORD, UNIT_WORD], C),
-                  param_rows([UNIT_WORD, UNIT_WORD], C)]
-        ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc{i}") for i, acc in enumerate(accs)]
-        if biased:  # one int32 row, repeated down the chunk
+        factors = _Tensor(self.const(f"{node.name}.factors", np.asarray(p.wide_factors, np.int8)[None]), 1, N, 1)
+        ins = [(acc, VecIn("int32", 1.0), f"{node.name}.acc")]
+        if biased:
             ins.append((_Tensor(self.const(f"{node.name}.bias", np.asarray(p.bias, np.int32)[None]), 1, N, 4),
                         VecIn("int32", 1.0), "bias"))
 
@@ -416,23 +419,19 @@ class _Lowerer:
             (_, dst), = outs_
             (fm, fa) = srcs[-1]
             am, aa = srcs[0]
-            ins = []
-            if split:  # 16 acc_hi + acc_lo, as reference.digit_gemm
-                ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=srcs[1][0], b=srcs[1][1],
-                                            dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=ns * m))
-                am, aa = Mem.ACC, dst
+            ins_ = []
             if biased:  # acc + bias (unit words)
-                bm, ba = srcs[len(accs)]
-                ins.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=bm, b=ba,
-                                            dst_mem=Mem.ACC, dst=dst, param=prm[2], rows=ns * m))
+                ins_.append(Instruction.make(Opcode.VBIN, func="add", a_mem=am, a=aa, b_mem=srcs[1][0], b=srcs[1][1],
+                                             dst_mem=Mem.ACC, dst=dst, param=prm[1], rows=ns * m))
                 am, aa = Mem.ACC, dst
-            return ins + [Instruction.make(Opcode.VBIN, func="mul", a_mem=am, a=aa, b_mem=fm, b=fa, dst_mem=Mem.ACC,
-                                           dst=dst, param=prm[0], rows=ns * m)]
+            return ins_ + [Instruction.make(Opcode.VBIN, func="mul", a_mem=am, a=aa, b_mem=fm, b=fa, dst_mem=Mem.ACC,
+                                            dst=dst, param=prm[0], rows=ns * m)]
 
-        self.vector_kernel(node, M, ins + [(factors, VecIn("int8", 1.0), "factors")], build, [(out, "acc")], params, 0,
+        self.vector_kernel(node, M, ins + [(factors, VecIn("int8", 1.0), "factors")], build, [(out, "acc")],
+                           [param_rows([p.wide_word], C), param_rows([UNIT_WORD, UNIT_WORD], C)], 0,
                            f"{M}x{N} accumulators{' + bias' if biased else ''} x column factors (int32 for the "
                            "residual)", columns=True)
-        self.free += bufs
+        self.free.append(buf)
 
     def lower_gemv(self, node: Node, p, x: _Tensor, cols: np.ndarray, wide: bool, out: _Tensor | None = None) -> None:
         """The weight-streaming GEMV for a one-row Linear; ``wide``: int32 accumulators out, into

@@ -420,8 +420,49 @@ def test_two_digit_a_computes_the_wide_product(config_name, shape, max_block_row
     assert stats.macs == 2 * M * N * K
 
 
+@pytest.mark.parametrize("config_name", ["tiny", "default"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (19, 13, 11), (40, 20, 33)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("digits", [False, True])
+@pytest.mark.parametrize("biased", [False, True])
+def test_wide_output_adds_bias_and_column_factors(config_name, shape, digits, biased):
+    """``wide`` output: ``rhe(((16 hi + lo) @ B + bias) * f_n * M / 2^s)`` per element in int32,
+    the residual's int32 hand-off, computed here in numpy int64 (round half to even)."""
+    from weft.compiler.gemm import wide_gemm_params
+
+    config = CONFIGS[config_name]
+    M, N, K = shape
+    rng = np.random.default_rng(7 + M + 100 * N + 10_000 * K)
+    a = rng.integers(-2047, 2048, (M, K)) if digits else rng.integers(-128, 128, (M, K))
+    hi = np.clip(np.rint(a / 16), -128, 127).astype(np.int64) if digits else a
+    lo = a - 16 * hi
+    b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bias, factors = rng.integers(-50_000, 50_000, N) * biased, rng.integers(1, 128, N)
+    mult, shift = 3, 5
+    plan = plan_gemm(config, M, N, K, output="wide", a_digits=digits, max_block_rows=7)
+    plane = _align(M * K)
+    b_addr = 2 * plane
+    p_addr = _align(b_addr + K * N)
+    params = wide_gemm_params(config, bias, factors, int(mult | (shift << 16)))
+    out_addr = _align(p_addr + params.size)
+    machine = GoldenMachine(config, memory_bytes=_align(out_addr + 4 * M * N) + 256)
+    machine.write(0, hi.astype(np.int8))
+    machine.write(plane, lo.astype(np.int8))
+    machine.write(b_addr, b)
+    machine.write(p_addr, params)
+    program = gemm_program(config, plan, a_addr=0, b_addr=b_addr, out_addr=out_addr, params_addr=p_addr,
+                           a_plane=plane if digits else None, wide_bias=biased)
+    stats = machine.run(program)
+    out = np.frombuffer(machine.read(out_addr, 4 * M * N), "<i4").reshape(M, N)
+    prod = (a @ b.astype(np.int64) + bias) * factors * mult
+    q, r = np.divmod(prod, 1 << shift)  # round half to even
+    half = 1 << (shift - 1)
+    want = q + ((r > half) | ((r == half) & (q % 2 == 1)))
+    np.testing.assert_array_equal(out, np.clip(want, -2**31, 2**31 - 1))
+    assert stats.max_tokens <= config.queues.token_max
+
+
 def test_two_digit_a_errors():
-    with pytest.raises(GemmError, match="needs int8 output"):
+    with pytest.raises(GemmError, match="needs int8 or wide output"):
         plan_gemm(TINY, 4, 4, 4, output="int32", a_digits=True)
     with pytest.raises(GemmError, match="a_plane"):
         gemm_program(TINY, plan_gemm(TINY, 4, 4, 4, a_digits=True), a_addr=0, b_addr=0, out_addr=0, params_addr=0)
