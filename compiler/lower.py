@@ -52,7 +52,7 @@ from .gemm import (GemmError, digit_gemm_params, gemm_program, gemv_digit_consts
 from .ir import Node
 from .memory import ALIGN, DeviceMemoryPlan, OutOfDeviceMemory
 from .quantize import QuantizedGraph, VecIn
-from .reference import DIGIT_BASE, DIGIT_BASE_WORD, DIGIT_FINE_WORD, DIGIT_HI_WORD
+from .reference import DIGIT_BASE, DIGIT_FINE_WORD, DIGIT_HI_WORD
 
 __all__ = ["LoweringError", "Kernel", "lower", "listing", "kv_len_input_name", "kv_slot_input_name",
            "rope_table_input_name"]

@@ -33,7 +33,7 @@ from .gemm import plan_gemm
 from .ir import Graph
 
 __all__ = ["GemmCost", "gemm_cost", "graph_gemms", "model_cost", "perf_table", "Segment", "layer_segments",
-           "TimingParams", "program_cost", "segment_cycles", "program_macs"]
+           "TimingParams", "program_cost", "segment_cycles", "program_macs", "layer_utilization"]
 
 
 @dataclass(frozen=True)
@@ -364,3 +364,34 @@ def program_macs(program) -> int:
         elif ins.opcode == Opcode.MATMUL:
             macs += int(ins.args["m"]) * int(ins.args["k"]) * n
     return macs
+
+
+def layer_utilization(config: AcceleratorConfig, bundle, graph: Graph | None = None,
+                      params: TimingParams | None = None) -> list[dict]:
+    """The performance model's estimate per layer of ``bundle`` (:func:`layer_segments`, each
+    piece modelled alone as :func:`segment_cycles` does) and a last row ``"total"``: ``cycles``,
+    ``array_macs`` (:func:`program_macs`: what the array multiplies, a two-digit GEMM twice) and
+    ``array_util`` = array_macs / (cycles * MACs per cycle); with ``graph``, also ``model_macs``
+    (the graph's GEMMs, :func:`graph_gemms`, by the layer of the kernel that runs each node)
+    and ``model_util``."""
+    segs = layer_segments(bundle, "layer")
+    cycles = segment_cycles(config, bundle, segs, params)
+    layer_of = {k["node"]: k["layer"] for k in (bundle.metadata or {}).get("kernels", []) if k.get("node")}
+    model: dict[str, int] = {}
+    if graph is not None:
+        for name, M, N, K, count, _ in graph_gemms(graph):
+            layer = layer_of.get(name.split(":")[0])
+            if layer is not None:
+                model[layer] = model.get(layer, 0) + M * N * K * count
+    rows = []
+    for s, c in zip(segs, cycles):
+        rows.append({"layer": s.name, "cycles": c, "array_macs": program_macs(bundle.program[s.first:s.first + s.count])})
+        if graph is not None:
+            rows[-1]["model_macs"] = model.get(s.name, 0)
+    total = {"layer": "total", **{k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}} if rows else {}
+    rate = config.macs_per_cycle
+    for r in rows + ([total] if total else []):
+        r["array_util"] = r["array_macs"] / (r["cycles"] * rate) if r["cycles"] else 0.0
+        if "model_macs" in r:
+            r["model_util"] = r["model_macs"] / (r["cycles"] * rate) if r["cycles"] else 0.0
+    return rows + ([total] if total else [])

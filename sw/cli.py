@@ -835,6 +835,18 @@ def cmd_compile(args) -> int:
         lst = Path(args.output).with_suffix(".lst")
         lst.write_text(listing(bundle))
         show("listing", time.perf_counter() - t, str(lst))
+    if args.perf:
+        from weft.compiler.perf import layer_utilization
+        from weft.sim.bench import format_table
+
+        t = time.perf_counter()
+        rows = layer_utilization(config, bundle, graph)
+        show("performance model", time.perf_counter() - t)
+        print(format_table(["layer", "cycles", "model MACs", "utilization", "array MACs", "array utilization"],
+                           [[r["layer"], f"{r['cycles']:,}", f"{r['model_macs']:,}", f"{r['model_util']:.1%}",
+                             f"{r['array_macs']:,}", f"{r['array_util']:.1%}"] for r in rows]))
+        print(f"utilization = MACs / (cycles x {config.macs_per_cycle}); model MACs: the graph's GEMMs, array MACs: "
+              "what the array multiplies (a two-digit GEMM twice)")
     print(f"done in {time.perf_counter() - total:.2f} s: {len(bundle.program)} instructions; inputs "
           + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in bundle.inputs) + "; outputs "
           + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in bundle.outputs))
@@ -1026,6 +1038,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the attention output and FFN down projections hand the residual int8 (default: their "
                            "int32 accumulators on one scale)")
     comp.add_argument("--listing", action="store_true", help="also write OUTPUT.lst, a per-layer program listing")
+    comp.add_argument("--perf", action="store_true",
+                      help="print the performance model's cycles and array utilization per layer and in total")
     comp.set_defaults(func=cmd_compile)
 
     embed = sub.add_parser("embed", help="sentence embeddings with all-MiniLM-L6-v2 compiled for a device")

@@ -79,6 +79,28 @@ def test_tiny_bert_bundle_equals_int8_reference(tiny, config_name):
     assert bundle.outputs[0].dtype == "int32"
 
 
+def test_layer_utilization_counts_the_models_and_the_arrays_macs(tiny):
+    """``perf.layer_utilization`` (``weft compile --perf``): per layer the graph's GEMM MACs
+    (counted here from the architecture), the array's MACs (the bit-exact model's MAC counter
+    over the whole program) and the modelled cycles of each layer's piece."""
+    from weft.compiler.perf import layer_segments, layer_utilization, segment_cycles
+
+    graph, qg = tiny
+    config = load_config("default")
+    bundle = lower(qg, config, model="tiny-bert")
+    rows = layer_utilization(config, bundle, graph)
+    assert [r["layer"] for r in rows] == ["embeddings", "layer0", "layer1", "total"]
+    S, D, F, H = SEQ, 64, 256, 4
+    per_layer = 4 * S * D * D + 2 * S * D * F + 2 * H * S * S * (D // H)
+    assert [r["model_macs"] for r in rows] == [0, per_layer, per_layer, 2 * per_layer]
+    _, stats = run_bundle(bundle, host_inputs(graph, _feeds(3), bundle), config)
+    assert rows[-1]["array_macs"] == stats.macs
+    assert rows[-1]["array_macs"] > rows[-1]["model_macs"]  # the two-digit GEMMs run twice
+    assert rows[-1]["cycles"] == sum(segment_cycles(config, bundle, layer_segments(bundle, "layer")))
+    total = rows[-1]
+    assert total["model_util"] == pytest.approx(total["model_macs"] / (total["cycles"] * config.macs_per_cycle))
+
+
 @pytest.mark.parametrize("config_name", ["tiny", "default"])
 def test_int8_hand_offs_equal_int8_reference(config_name):
     """``--int8-norms --int8-residual``: LayerNorm outputs as int8 (a per-channel int8 twin for
@@ -279,6 +301,13 @@ def test_cli_compile_and_run(tmp_path, capsys):
                  "--calibration-sentences", "3", "--two-digit-probs"]) == 0
     assert "two-digit probabilities" in capsys.readouterr().out
     assert "two-digit P" in out.with_suffix(".lst").read_text()
+    assert main(["compile", str(onnx_path), "--config", "default", "-o", str(out), "--calibration-sentences", "3",
+                 "--int8-norms", "--int8-residual", "--perf"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 norm outputs, int8 residual" in text and "performance model" in text
+    assert [line.split()[0] for line in text.splitlines() if line.strip().startswith(("layer", "total"))][-3:] == \
+        ["layer0", "layer1", "total"]
+    assert "outputs last_hidden_state int8[" in text  # the defaults: int32 (test_tiny_bert_bundle_...)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     assert main(["compile", str(bad), "-o", str(tmp_path / "x.weft")]) == 2
