@@ -907,8 +907,7 @@ class _Lowerer:
 
         ``inputs``: (tensor in device memory, how it is read, name) -> each lands as a
         slice-major on-chip tensor: int8 direct in the scratchpad (E = sp row for ``vrow``
-        readers: ``direct_E``), int32 in the accumulator (a one-row int32 tensor is repeated
-        down every row of the chunk, with stride-0 loads), or widened (int8 in the scratchpad
+        readers: ``direct_E``), int32 in the accumulator, or widened (int8 in the scratchpad
         then ``vbin mul`` by the factor rows into the accumulator).
         ``build(m, srcs, outs, tmp, params, ns, s0) -> [vector instructions]``: the chunk is
         ``m`` rows of the ``ns`` column slices from slice ``s0``; ``srcs`` (mem, row) per input,
@@ -1011,10 +1010,7 @@ class _Lowerer:
             loads = []
             fi = 0
             for (t, src, _), lay in zip(inputs, lay_in[c % buffers]):
-                if lay[0] == "acc" and t.rows == 1 < M:  # one row for every row (stride-0 loads)
-                    loads += [_ld(Mem.ACC, lay[1] + (s - s0) * mc, t.address + s * C * 4, mc,
-                                  min(C, t.cols - s * C), 0) for s in range(s0, min(-(-t.cols // C), s0 + k))]
-                elif lay[0] == "acc":
+                if lay[0] == "acc":
                     loads += self.load_slices(Mem.ACC, lay[1], t, r0, mc, C, s0, k)
                 elif lay[0] == "widen":
                     loads += self.load_slices(Mem.SP, lay[2], t, r0, mc, C, s0, k)
