@@ -39,6 +39,8 @@ __all__ = ["GemmPlan", "GemmError", "plan_gemm", "gemm_program", "build_gemm_bun
            "gemv_digit_consts"]
 
 L, MM, V, S = Queue.LOAD, Queue.MATMUL, Queue.VECTOR, Queue.STORE
+#: Word rows at the start of a ``wide`` GEMM's parameters (:func:`wide_gemm_params`).
+WIDE_WORD_ROWS = 3
 
 
 class GemmError(ValueError):
@@ -118,7 +120,7 @@ def plan_gemm(config: AcceleratorConfig, M: int, N: int, K: int, *, output: str 
         raise GemmError("a two-digit A needs int8 or wide output (the digits are combined by the vector unit)")
     acc_slots = out_slots = 2
     param_slots = 2 if int8_out or wide else 0
-    param_rows = 3 if a_digits or wide else 2
+    param_rows = WIDE_WORD_ROWS if wide else 3 if a_digits else 2
     d = 2 if a_digits else 1  # rows streamed per row of A
     sp_free = config.sp_rows - sp_base
     acc_free = config.acc_rows - acc_base - param_rows * param_slots
@@ -325,10 +327,6 @@ def digit_gemm_params(config: AcceleratorConfig, bias, scale_words) -> np.ndarra
     if C > 1:
         out[2, 1::C] = int(pack_scale_word(1, 0))
     return out
-
-
-#: Word rows at the start of a ``wide`` GEMM's parameters (:func:`wide_gemm_params`).
-WIDE_WORD_ROWS = 3
 
 
 def wide_gemm_params(config: AcceleratorConfig, bias, factors, word: int) -> np.ndarray:

@@ -1120,27 +1120,19 @@ class _Lowerer:
                               f"layernorm {M}x{D} from {p.src.kind}" + (" (+ int32 copy)" if twin else ""),
                               columns=False, extra_outputs=extra)
             return
-        if p.wide:
-            def build_wide(m, srcs, outs_, tmp, prm, ns, s0):
-                return [vrow(srcs[0], outs_[0][1], prm[0], m, True)]
-
-            self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build_wide,
-                               [(self.out_tensor(o, M, D, 4), "acc")], [self.norm_params(p)], 0,
-                               f"layernorm {M}x{D} from {p.src.kind} -> int32")
-            return
-        outs = [(self.out_tensor(o, M, D, 1), "sp")]
+        # int8 (and an int8 twin), or wide: int32 into accumulator rows, stored as int32
+        outs = [(self.out_tensor(o, M, D, 4 if p.wide else 1), "acc" if p.wide else "sp")]
         params = [self.norm_params(p)]
         if p.twin is not None:
             outs.append((self.new_tensor(o, M, D, 1, twin=True), "sp"))
             params.append(self.norm_params(p.twin))
 
         def build(m, srcs, outs_, tmp, prm, ns, s0):
-            (mem, a), = srcs
-            return [Instruction.make(Opcode.VROW, func="layernorm", src_mem=mem, src=a, dst=dst, param=prm[i],
-                                     rows=m, len=D) for i, (_, dst) in enumerate(outs_)]
+            return [vrow(srcs[0], dst, prm[i], m, p.wide) for i, (_, dst) in enumerate(outs_)]
 
         self.vector_kernel(node, M, [(x, p.src, node.inputs[0])], build, outs, params, 0,
-                           f"layernorm {M}x{D} from {p.src.kind}" + (" (+ twin)" if p.twin is not None else ""))
+                           f"layernorm {M}x{D} from {p.src.kind}" + (" (+ twin)" if p.twin is not None else "")
+                           + (" -> int32" if p.wide else ""))
 
     def lower_rmsnorm(self, node: Node) -> None:
         """``vrow rmsnorm`` (parameter rows: shift, then the gains; no bias rows)."""

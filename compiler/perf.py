@@ -388,10 +388,11 @@ def layer_utilization(config: AcceleratorConfig, bundle, graph: Graph | None = N
         rows.append({"layer": s.name, "cycles": c, "array_macs": program_macs(bundle.program[s.first:s.first + s.count])})
         if graph is not None:
             rows[-1]["model_macs"] = model.get(s.name, 0)
-    total = {"layer": "total", **{k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}} if rows else {}
+    if rows:
+        rows.append({"layer": "total", **{k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}})
     rate = config.macs_per_cycle
-    for r in rows + ([total] if total else []):
+    for r in rows:
         r["array_util"] = r["array_macs"] / (r["cycles"] * rate) if r["cycles"] else 0.0
         if "model_macs" in r:
             r["model_util"] = r["model_macs"] / (r["cycles"] * rate) if r["cycles"] else 0.0
-    return rows + ([total] if total else [])
+    return rows

@@ -683,8 +683,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 shift = max(0, math.ceil(math.log2(max(peak(o, n), 1e-30) / unit)) - 29)
                 fine = unit * 2.0 ** shift
                 qg.wide_linears[o] = scales[o] = fine
-                bq = np.clip(np.rint(b / (s_in * ws)), -2**31, 2**31 - 1).astype(np.int32)  # added to the accumulators
-                qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, fine,
+                qg.linears[n.name] = LinearParams(wq, ws, _bias_words(b, s_in * ws), in_sc, fine,
                                                   np.zeros(w.shape[1], np.int32), "wide", acc_in_scale=s_in,
                                                   in_digits=x in qg.digits, wide_factors=g,
                                                   wide_word=int(pack_scale_word(1, shift)))
@@ -695,7 +694,7 @@ def quantize(graph: Graph, act_scales: Mapping[str, float], *, method: str = "ma
                 wq, ws = quantize_weight(w)
             s_out = need(n.outputs[0], n) if n.outputs[0] not in int32_outputs else 1.0
             acc_scale = s_in * ws.astype(np.float64)
-            bq = np.clip(np.rint(b / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
+            bq = _bias_words(b, acc_scale)
             if n.outputs[0] in int32_outputs:  # e.g. logits: the host reads the int32 accumulators
                 qg.linears[n.name] = LinearParams(wq, ws, bq, in_sc, 0.0, np.zeros(w.shape[1], np.int32), "int32",
                                                   acc_in_scale=s_in)
@@ -848,6 +847,12 @@ def _norm(src: "VecIn", gamma, beta, out_scale, wide: bool = False) -> "NormPara
     return NormParams(src=src, out_scale=out_scale, shift=int(rows[0, 0]),
                       gain=rows[1:1 + L, 0].astype(np.int32), bias=rows[1 + L:1 + 2 * L, 0].astype(np.int32),
                       wide=wide)
+
+
+def _bias_words(bias, acc_scale) -> np.ndarray:
+    """A Linear's bias as int32 at its accumulators' scale (added to them before REQUANT or the
+    residual hand-off's factors)."""
+    return np.clip(np.rint(bias / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
 
 
 def _norm_wide_scale(peak: float, beta) -> float:
