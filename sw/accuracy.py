@@ -24,7 +24,7 @@ from weft.compiler.frontend import import_onnx
 from weft.compiler.quantize import Calibrator, quantize
 from weft.compiler.reference import run_int8
 
-__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "RANKING_QUERIES", "minilm_accuracy",
+__all__ = ["CALIBRATION_SENTENCES", "EVAL_SENTENCES", "RANKING_QUERIES", "minilm_accuracy", "minilm_node_errors",
            "DECODER_PROMPTS", "DECODER_CALIBRATION", "HELD_OUT_TEXT", "smollm2_accuracy", "decoder_agreement"]
 
 CALIBRATION_SENTENCES = [
@@ -194,6 +194,41 @@ def minilm_accuracy(*, seq_len: int = 128, exporter: str = "dynamo", choices=Non
                   f"(<0.99: {r['below_0.99']}), ranking {r['ranking_preserved']}  [{r['seconds']} s]", flush=True)
     results["calibration_seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def minilm_node_errors(sentence: str, *, seq_len: int = 128, **qopts) -> list[dict]:
+    """Where the int8 error of one sentence enters, per device node of MiniLM quantized as the
+    compiler does (``qopts``: :func:`weft.compiler.pipeline.quantize_for_device` options), on the
+    sentence's last token ([SEP]): ``added`` is the squared relative error the node adds itself
+    (its ``run_int8`` output against the float kernel on the same dequantized inputs), ``total``
+    that of its output against the float model's."""
+    from weft.compiler.pipeline import quantize_for_device
+    from weft.compiler.reference import float_kernel, run_float
+    from weft.sw.models.minilm import MiniLM
+
+    model = MiniLM.from_pretrained()
+    graph = import_onnx(model.export_onnx(seq_len=seq_len))
+    qg = quantize_for_device(graph, [f for f, _ in _feeds(model, CALIBRATION_SENTENCES, seq_len)], **qopts)
+    (feeds, mask), = _feeds(model, [sentence], seq_len)
+    last = int(mask.sum()) - 1
+    got, ref = run_int8(qg, feeds, keep=True), run_float(graph, feeds, keep=True)
+
+    def row(x, like):
+        x = np.asarray(x, np.float64)
+        return x.reshape(-1, like.shape[-1])[last] if x.size == like.size else None
+
+    out = []
+    for n in graph.nodes:
+        if n.device != "device":
+            continue
+        o = n.outputs[0]
+        want = np.asarray(float_kernel(n, [got.get(i) if i is not None else None for i in n.inputs]), np.float64)
+        g, w, r = row(got[o], want), row(want, want), row(ref[o], want)
+        if g is None or r is None or not np.any(w):
+            continue
+        out.append({"node": n.name, "op": n.op, "added": float(np.sum((g - w) ** 2) / np.sum(w ** 2)),
+                    "total": float(np.sum((g - r) ** 2) / np.sum(r ** 2))})
+    return out
 
 
 # ============================================================================ decoder (SmolLM2)
@@ -419,6 +454,11 @@ if __name__ == "__main__":  # pragma: no cover
 
     ap = argparse.ArgumentParser(prog="python -m weft.sw.accuracy")
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    ap.add_argument("--node-errors", metavar="SENTENCE",
+                    help="minilm: per node, the error it adds on SENTENCE's last token, and its output's error")
+    ap.add_argument("--int8-hand-offs", action="store_true",
+                    help="--node-errors: with int8 LayerNorm outputs and residual hand-offs (the defaults before "
+                         "session 8)")
     ap.add_argument("--choice", action="append", default=None,
                     metavar="METHOD,ALPHA,VECTOR_ALPHA[,DIGIT_ALPHA[,PROB_DIGITS[,WIDE_LINEARS[,NORM_DIGITS]]]]",
                     help="smollm2: calibration choice(s) to evaluate (default: the decoder's, and with int8 FFN input "
@@ -432,6 +472,11 @@ if __name__ == "__main__":  # pragma: no cover
         ch = [(c.split(",")[0], *(None if v == "none" else float(v) for v in c.split(",")[1:])) for c in a.choice] \
             if a.choice else None
         res = smollm2_accuracy(**({"choices": ch} if ch else {}))
+    elif a.node_errors:
+        opts = {"norm_digits": False, "wide_linears": False} if a.int8_hand_offs else {}
+        for r in minilm_node_errors(a.node_errors, **opts):
+            print(f"{r['op']:10s} {r['node'][:44]:44s} added {r['added']:.5f}  total {r['total']:.5f}")
+        raise SystemExit(0)
     else:
         res = minilm_accuracy()
     print(json.dumps(res, indent=1))
